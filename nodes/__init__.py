@@ -1,13 +1,30 @@
 """The pack's nodes: thin adapters between ComfyUI types and `videograin_core`.
 
-Adding a node: write it in its own module here and list its class in `NODE_CLASSES`.
-Node ids start with `VideoGrain` and never change (saved workflows store them).
+Each module below defines its node classes and lists them in a module-level `NODES`.
+Adding a node: write it in its own module here, add the module's name to `_MODULES`, and
+add one test. Node ids start with `VideoGrain` and never change (saved workflows store them).
 """
 from __future__ import annotations
 
+import importlib
+
 from comfy_api.latest import ComfyExtension, io
 
+_MODULES = (
+    "video_loader",         # VideoGrainVideoLoader
+    "region_mask",          # region masks from host MASKs, mask videos, image sequences
+    "local_prompt",         # VideoGrainLocalPrompt
+    "layout_conditioning",  # global prompt + layout -> spliced positive CONDITIONING
+    "st_layout_patch",      # VideoGrainSTLayoutPatch
+    "ddim_invert",          # VideoGrainDDIMInvert
+    "sample",               # VideoGrainSample
+    "decode",               # VideoGrainDecode
+    "save_video",           # VideoGrainSaveVideo
+)
+
 NODE_CLASSES: list[type[io.ComfyNode]] = []
+for _name in _MODULES:
+    NODE_CLASSES.extend(importlib.import_module(f".{_name}", __name__).NODES)
 
 
 class VideoGrainExtension(ComfyExtension):

@@ -1,0 +1,2 @@
+"""Placeholder until this node module lands."""
+NODES = []
