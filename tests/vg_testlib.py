@@ -2,15 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
@@ -36,143 +30,19 @@ def load_script(name: str):
 
 
 # ---------------------------------------------------------------- server subprocess
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyClient:
-    """Talks to a running ComfyUI over HTTP the way the web UI does."""
-
-    def __init__(self, base_url: str, proc: subprocess.Popen, log_path: str, dirs: dict):
-        self.base_url = base_url
-        self.proc = proc
-        self.log_path = log_path
-        self.input_dir = dirs["input"]
-        self.output_dir = dirs["output"]
-        self.temp_dir = dirs["temp"]
-        self.client_id = uuid.uuid4().hex
-
-    def get(self, route: str, timeout: float = 30):
-        with urllib.request.urlopen(self.base_url + route, timeout=timeout) as r:
-            return json.loads(r.read().decode())
-
-    def post(self, route: str, payload: dict | None, timeout: float = 30):
-        data = json.dumps(payload or {}).encode()
-        req = urllib.request.Request(self.base_url + route, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                body = r.read().decode()
-                return r.status, (json.loads(body) if body else None)
-        except urllib.error.HTTPError as e:
-            body = e.read().decode()
-            try:
-                return e.code, json.loads(body)
-            except ValueError:
-                return e.code, body
-
-    def alive(self) -> bool:
-        try:
-            self.get("/system_stats", timeout=5)
-            return self.proc.poll() is None
-        except Exception:
-            return False
-
-    def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
-        if status != 200:
-            raise PromptRejected(status, body)
-        return body["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
-        """Wait for a queued prompt to finish; returns its /history entry."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                entry = hist[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            if self.proc.poll() is not None:
-                raise AssertionError("the ComfyUI server died while running the prompt")
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
-
-    def run(self, prompt: dict, timeout: float = 600) -> dict:
-        """Queue, wait, and return the history entry; raises if execution failed."""
-        entry = self.wait(self.queue(prompt), timeout)
-        if entry["status"]["status_str"] != "success":
-            raise ExecutionFailed(entry)
-        return entry
-
-    def run_expect_error(self, prompt: dict, timeout: float = 600) -> str:
-        """Run a prompt that must fail; returns the error text (validation or execution)."""
-        try:
-            entry = self.wait(self.queue(prompt), timeout)
-        except PromptRejected as e:
-            return json.dumps(e.body)
-        if entry["status"]["status_str"] == "success":
-            raise AssertionError("the prompt was expected to fail but succeeded")
-        msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-        return json.dumps(msgs)
-
-    def log_text(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-
-class PromptRejected(Exception):
-    def __init__(self, status, body):
-        super().__init__(f"POST /prompt answered {status}: {body}")
-        self.status, self.body = status, body
-
-
-class ExecutionFailed(Exception):
-    def __init__(self, entry):
-        msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-        super().__init__(f"prompt failed: {json.dumps(msgs)[:4000]}")
-        self.entry = entry
+_runner = load_script("comfy_runner")
+ComfyClient = _runner.ComfyClient
+PromptRejected = _runner.PromptRejected
+ExecutionFailed = _runner.ExecutionFailed
+stop_server = _runner.stop_server
 
 
 def start_server(workdir, extra_args=(), timeout: float = 120) -> ComfyClient:
-    """Start `python main.py` the way a user does, on a free loopback port."""
-    comfy = comfyui_path()
-    dirs = {k: os.path.join(workdir, k) for k in ("input", "output", "temp", "user")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
+    """Start the test host's server (CPU) with its folders under `workdir`; the log goes
+    to test-artifacts/."""
     os.makedirs(ARTIFACTS, exist_ok=True)
-    port = _free_port()
-    log_path = os.path.join(ARTIFACTS, f"server-{port}.log")
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--input-directory", dirs["input"], "--output-directory", dirs["output"],
-           "--temp-directory", dirs["temp"], "--user-directory", dirs["user"],
-           "--database-url", "sqlite:///:memory:", *extra_args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = ComfyClient(f"http://127.0.0.1:{port}", proc, log_path, dirs)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited during start-up:\n{client.log_text()[-6000:]}")
-        try:
-            client.get("/system_stats", timeout=2)
-            return client
-        except Exception:
-            time.sleep(0.5)
-    stop_server(client)
-    raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{client.log_text()[-6000:]}")
-
-
-def stop_server(client: ComfyClient):
-    if client.proc.poll() is None:
-        client.proc.terminate()
-        try:
-            client.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            client.proc.kill()
-            client.proc.wait()
+    log_path = os.path.join(ARTIFACTS, f"server-{os.path.basename(str(workdir))}-{uuid.uuid4().hex[:6]}.log")
+    return _runner.start_server(comfyui_path(), str(workdir), log_path, sys.executable, ("--cpu", *extra_args), timeout)
 
 
 def copy_to_input(client_or_dir, src: str, name: str | None = None) -> str:
