@@ -24,6 +24,10 @@ class Region:
 class Layout:
     regions: tuple[Region, ...] = ()
     spans: tuple[Span | None, ...] | None = None  # one per region, set by prompt encoding
+    # Tokens in the positive conditioning the spans index into (77 per CLIP window). The
+    # sampler may repeat a shorter conditioning to batch it with a longer one, so the
+    # patch maps a key position p to p % token_count.
+    token_count: int | None = None
 
     def add(self, mask: torch.Tensor, prompt: str) -> "Layout":
         """A new layout with one more region (spans are dropped: they must be re-encoded)."""
@@ -32,7 +36,9 @@ class Layout:
             mask = mask[None]
         if mask.ndim != 3:
             raise ValueError(f"region mask must be [frames, height, width], got shape {tuple(mask.shape)}")
-        mask = mask.bool().cpu()
+        # A soft mask (SAM, feathered editor strokes) wired straight in is cut at 0.5.
+        mask = (mask > 0.5) if mask.is_floating_point() else mask.bool()
+        mask = mask.cpu()
         if self.regions:
             h, w = self.size
             if tuple(mask.shape[-2:]) != (h, w):
@@ -40,8 +46,9 @@ class Layout:
                                  f"{w}x{h}: give all masks the frames' size (use the Video Loader's transform)")
             f = self.frame_count
             if mask.shape[0] not in (1, f) and f != 1:
-                raise ValueError(f"region mask has {mask.shape[0]} frames but the layout's other masks have {f}")
-        return Layout(self.regions + (Region(mask, prompt),), None)
+                raise ValueError(f"region mask has {mask.shape[0]} frames but the layout's other masks have {f} "
+                                 f"frames: give every region one mask per video frame (or a single mask for all)")
+        return Layout(self.regions + (Region(mask, str(prompt)),))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -76,8 +83,20 @@ class Layout:
         """bool [frames, H, W]: pixels covered by at least one region."""
         return self.masks(frames).any(dim=1)
 
-    def with_spans(self, spans) -> "Layout":
+    def with_spans(self, spans, token_count: int | None = None) -> "Layout":
+        """A copy with each region's token span (None: empty local prompt) in a positive
+        conditioning of `token_count` tokens."""
         spans = tuple(None if s is None else (int(s[0]), int(s[1])) for s in spans)
         if len(spans) != len(self.regions):
             raise ValueError(f"{len(spans)} spans for {len(self.regions)} regions")
-        return replace(self, spans=spans)
+        if token_count is not None:
+            token_count = int(token_count)
+            for s in spans:
+                if s is not None and not (0 <= s[0] < s[1] <= token_count):
+                    raise ValueError(f"span {s} lies outside a conditioning of {token_count} tokens")
+        return replace(self, spans=spans, token_count=token_count)
+
+    @property
+    def encoded(self) -> bool:
+        """True once prompt encoding recorded the spans."""
+        return self.spans is not None

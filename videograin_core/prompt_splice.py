@@ -1,0 +1,81 @@
+"""Where each local prompt sits among the global prompt's tokens (METHOD.md section 4).
+
+Pure token arithmetic: the caller tokenizes with the host's own tokenizer and hands in
+token ids. The global prompt arrives as the tokenizer's windows (CLIP encodes at most 77
+tokens at once, so a long prompt becomes several windows, each with its own start/end
+markers and padding); the encoded conditioning is those windows concatenated, so a span
+is given in positions of that concatenation.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+Span = tuple[int, int]
+
+
+class SpanError(ValueError):
+    """A local prompt that cannot be placed in the global prompt (a user error)."""
+
+
+def interior_tokens(windows: Sequence[Sequence[Hashable]], markers: set) -> list[tuple[Hashable, int]]:
+    """(token, position in the concatenated windows) of every token that is not a start,
+    end or padding marker."""
+    out = []
+    pos = 0
+    for window in windows:
+        for tok in window:
+            if tok not in markers:
+                out.append((tok, pos))
+            pos += 1
+    return out
+
+
+def local_prompt_tokens(windows: Sequence[Sequence[Hashable]], markers: set) -> list[Hashable]:
+    """A local prompt's own tokens without start/end markers or padding."""
+    return [t for t, _ in interior_tokens(windows, markers)]
+
+
+def find_span(global_windows: Sequence[Sequence[Hashable]], local: Sequence[Hashable], markers: set,
+              phrase: str = "", global_text: str = "") -> Span | None:
+    """[start, end) of the first occurrence of `local` among the global prompt's tokens.
+
+    Returns None for an empty local prompt (the region then has no text). Raises SpanError
+    when the phrase is absent, or when its only occurrences straddle a window boundary
+    (the two halves would be encoded in different CLIP windows, each with its own context,
+    and the span would not be one contiguous run of conditioning positions).
+    """
+    local = list(local)
+    if not local:
+        return None
+    stream = interior_tokens(global_windows, markers)
+    toks = [t for t, _ in stream]
+    n = len(local)
+    straddling = None
+    for i in range(len(toks) - n + 1):
+        if toks[i:i + n] == local:
+            start, last = stream[i][1], stream[i + n - 1][1]
+            if last - start == n - 1:
+                return start, start + n
+            if straddling is None:
+                straddling = start
+    if straddling is not None:
+        raise SpanError(f"local prompt {phrase!r} crosses a 77-token window boundary of the global prompt "
+                        f"(it starts at token {straddling}): CLIP encodes each window separately, so move the "
+                        f"phrase or shorten the text before it. Global prompt: {global_text!r}")
+    raise SpanError(f"local prompt {phrase!r} does not occur in the global prompt {global_text!r}: the global prompt "
+                    f"must contain every local prompt word for word (case does not matter)")
+
+
+def overlapping_spans(spans: Sequence[Span | None]) -> list[tuple[int, int]]:
+    """Index pairs of regions whose spans overlap (the later splice would overwrite the
+    earlier one at the shared tokens)."""
+    out = []
+    for a in range(len(spans)):
+        for b in range(a + 1, len(spans)):
+            sa, sb = spans[a], spans[b]
+            if sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]:
+                out.append((a, b))
+    return out
+
+
+__all__ = ["Span", "SpanError", "interior_tokens", "local_prompt_tokens", "find_span", "overlapping_spans"]
