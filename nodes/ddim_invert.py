@@ -1,2 +1,196 @@
-"""Placeholder until this node module lands."""
-NODES = []
+"""VideoGrainDDIMInvert: deterministic DDIM inversion of the source frames' latent, run
+through the host's sampler machinery, cached on disk.
+
+Cache folder: `<user directory>/__videograin_cache` (the host's "system user" folder for
+internal data): the host wipes its temp folder at every start-up, the user directory it
+keeps, and `__`-prefixed user folders are never served over HTTP. File names are sha256
+keys; no part of the path comes from user input.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..videograin_core import ddim
+from ..videograin_core.inversion_cache import InversionCache, make_key, tensor_digest
+
+Inversion = io.Custom("VIDEOGRAIN_INVERSION")
+DISABLE_MODULATION_KEY = "videograin_disable_modulation"
+CACHE_NAME = "videograin_cache"
+
+
+def cache_folder() -> str:
+    if hasattr(folder_paths, "get_system_user_directory"):
+        return folder_paths.get_system_user_directory(CACHE_NAME)
+    return os.path.join(folder_paths.get_user_directory(), "__" + CACHE_NAME)
+
+
+# ---------------------------------------------------------------- host glue shared with Sample
+def ddim_sigmas(model, steps: int) -> torch.Tensor:
+    """The descending `ddim_uniform` schedule of the model: s_max, ..., s_1, 0."""
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).cpu()
+
+
+def step_callback(model, steps: int):
+    """Progress bar + preview, and a stop at every step when the user interrupts."""
+    preview = latent_preview.prepare_callback(model, steps)
+
+    def callback(step, x0, x, total_steps):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        preview(step, x0, x, total_steps)
+    return callback
+
+
+def run_sampler(model, sampler_fn, extra_options, sigmas, positive, negative, cfg, latent, seed=0):
+    """Run a k-diffusion style sampler function through comfy.sample.sample_custom with zero
+    noise: x starts at `latent` (noise_scaling adds sigma * 0)."""
+    sampler = comfy.samplers.KSAMPLER(sampler_fn, extra_options=extra_options)
+    noise = torch.zeros(latent.shape, dtype=torch.float32, device="cpu")
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                      callback=step_callback(model, len(sigmas) - 1),
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+
+def _host_fingerprint(obj):
+    """Descriptions of host objects for the cache key (see inversion_cache.fingerprint)."""
+    import comfy.controlnet
+    if isinstance(obj, comfy.model_patcher.ModelPatcher):
+        sd = obj.model.state_dict()
+        # Patched weights are written into the model while it is loaded: hash the originals.
+        weights = [[k, tensor_digest(obj.backup[k].weight if k in obj.backup else sd[k], sample=True)]
+                   for k in sorted(sd)]
+        return {"model": type(obj.model).__qualname__, "weights": weights,
+                "patches": {"dict": sorted([k, repr([(p[0], p[2], p[3]) for p in v]),
+                                            [tensor_digest(t, sample=True) for t in _tensors_in(v)]]
+                                           for k, v in obj.patches.items())},
+                "object_patches": sorted(obj.object_patches), "options": obj.model_options}
+    if isinstance(obj, comfy.controlnet.ControlBase):
+        net = getattr(obj, "control_model", None) or getattr(obj, "t2i_model", None)
+        return {"control": type(obj).__qualname__, "hint": obj.cond_hint_original, "strength": obj.strength,
+                "range": list(obj.timestep_percent_range), "strength_type": str(obj.strength_type),
+                "pooling": obj.global_average_pooling, "extra": obj.extra_concat_orig,
+                "net": net, "previous": obj.previous_controlnet}
+    return None
+
+
+def _tensors_in(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _tensors_in(x)
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _tensors_in(x)
+    elif hasattr(v, "weights"):  # weight adapters (LoRA, LoHa, ...)
+        yield from _tensors_in(v.weights)
+
+
+def encode_frames(vae, images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [F, H, W, C] -> latent, a chunk of frames at a time (the host's VAE returns the
+    distribution's mean for SD1.5: deterministic)."""
+    per_frame = 0
+    try:
+        per_frame = vae.memory_used_encode((1, 3) + tuple(images.shape[1:3]), vae.vae_dtype)
+    except Exception:
+        pass
+    free = comfy.model_management.get_free_memory(vae.device)
+    chunk = max(1, min(16, int(free * 0.8 // per_frame) if per_frame else 4))
+    out = []
+    for i in range(0, images.shape[0], chunk):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        out.append(vae.encode(images[i:i + chunk, :, :, :3]).cpu().float())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- the node
+class VideoGrainDDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoGrainDDIMInvert",
+            display_name="VideoGrain DDIM Invert",
+            category="VideoGrain",
+            description="Deterministic DDIM inversion of the source frames (ddim_uniform schedule, no noise). "
+                        "Full-frame attention applies if the model is patched, the layout modulation never. "
+                        "Results are cached on disk.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("conditioning", tooltip="The source prompt (often empty); a ControlNet "
+                                                               "applied to it is used during inversion."),
+                io.Latent.Input("latent", optional=True, tooltip="The frames' latent (VAE Encode). Or give images + vae."),
+                io.Image.Input("images", optional=True, tooltip="Frames to encode here (when no latent is given)."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes `images` (distribution mean, deterministic)."),
+                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance during inversion; 1 = no guidance (reference). Other values "
+                                       "need a negative conditioning."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Only used when cfg != 1."),
+                io.Boolean.Input("use_cache", default=True, tooltip="Reuse an identical earlier inversion from disk."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="inverted_latent"),
+                Inversion.Output(display_name="inversion"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, steps, cfg, use_cache=True, latent=None, images=None, vae=None,
+                negative=None) -> io.NodeOutput:
+        if not math.isclose(cfg, 1.0) and negative is None:
+            raise ValueError(f"cfg is {cfg} but no negative conditioning is connected: connect one, or set cfg to 1")
+        if latent is not None:
+            samples = latent["samples"]
+        elif images is not None:
+            if vae is None:
+                raise ValueError("images are connected but no vae: connect the VAE that encodes them, or give a latent")
+            samples = encode_frames(vae, images)
+        else:
+            raise ValueError("nothing to invert: connect a latent (VAE Encode of the frames), or images and a vae")
+        if samples.ndim != 4:
+            raise ValueError(f"latent must be [frames, channels, height, width], got shape {tuple(samples.shape)}")
+        samples = samples.detach().to("cpu", torch.float32).contiguous()
+
+        m = model.clone()
+        # Inversion reconstructs the source: full-frame attention yes, layout modulation never.
+        m.model_options.setdefault("transformer_options", {})[DISABLE_MODULATION_KEY] = True
+        sigmas = ddim_sigmas(m, steps).flip(0)  # ascending: 0, s_1, ..., s_max
+        guided = not math.isclose(cfg, 1.0)
+
+        key = make_key({"latent": samples, "model": m, "conditioning": conditioning, "steps": steps,
+                        "cfg": cfg, "negative": negative if guided else None, "sigmas": sigmas},
+                       hook=_host_fingerprint)
+        cache = InversionCache(cache_folder())
+        if use_cache:
+            inv, status = cache.load(key)
+            if inv is not None:
+                return io.NodeOutput({"samples": inv.latent.clone()}, inv)
+            if status.startswith("damaged"):
+                logging.warning("VideoGrain: inversion cache entry %s was %s; recomputing", key[:12], status)
+
+        trajectory: list[torch.Tensor] = []
+        out = run_sampler(m, ddim.sample_ddim_inversion, {"trajectory": trajectory}, sigmas, conditioning,
+                          negative if guided else conditioning, cfg, samples)
+        inv = ddim.Inversion(latent=out.detach().to("cpu", torch.float32), trajectory=torch.stack(trajectory),
+                             sigmas=sigmas.float(), steps=steps, source=samples)
+        if use_cache:
+            try:
+                cache.save(key, inv)
+            except OSError as e:  # a full disk must not fail the run
+                logging.warning("VideoGrain: could not write the inversion cache: %s", e)
+        return io.NodeOutput({"samples": inv.latent.clone()}, inv)
+
+
+NODES = [VideoGrainDDIMInvert]

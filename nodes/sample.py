@@ -1,2 +1,80 @@
-"""Placeholder until this node module lands."""
-NODES = []
+"""VideoGrainSample: deterministic DDIM from the inverted latent, on the inversion's schedule,
+blending the latent outside the layout's regions back to the source at every step."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..videograin_core import ddim
+from .ddim_invert import Inversion, ddim_sigmas, run_sampler
+
+Layout = io.Custom("VIDEOGRAIN_LAYOUT")
+
+BLEND_TRAJECTORY = "inversion trajectory"
+BLEND_RENOISED = "re-noised source"
+BLEND_OFF = "off"
+
+
+def _check_schedule(model, inv) -> None:
+    want = ddim_sigmas(model, inv.steps).flip(0)
+    if want.shape != inv.sigmas.shape or not torch.allclose(want.float(), inv.sigmas.float(), rtol=1e-4, atol=1e-6):
+        raise ValueError("the inversion was made with a model whose noise schedule differs from this model's: "
+                         "invert with the same checkpoint you sample with")
+
+
+def _blend_mask(layout, latent: torch.Tensor) -> torch.Tensor:
+    frames, _, h, w = latent.shape
+    union = layout.union_mask(frames)  # bool [F, H, W] at frame resolution
+    mh, mw = union.shape[-2:]
+    if abs(mh * w - mw * h) > 0.02 * mh * w:
+        raise ValueError(f"layout masks are {mw}x{mh} but the latent is for {w * 8}x{h * 8} frames: build the "
+                         "region masks with the Video Loader's transform so they match the frames")
+    return ddim.latent_mask(union, frames, (h, w))
+
+
+class VideoGrainSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoGrainSample",
+            display_name="VideoGrain Sample",
+            category="VideoGrain",
+            description="DDIM (eta 0) from the inversion on the same schedule, with latent blending outside the "
+                        "layout's regions at every step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model, usually patched by ST-Layout Patch."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                Inversion.Input("inversion"),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                Layout.Input("layout", optional=True, tooltip="Regions: outside their union the latent is "
+                                                              "blended back to the source every step."),
+                io.Combo.Input("blend", options=[BLEND_TRAJECTORY, BLEND_RENOISED, BLEND_OFF], default=BLEND_TRAJECTORY,
+                               tooltip="inversion trajectory: the inverted latent at the same step (paper, "
+                                       "deterministic); re-noised source: source + fresh seeded noise (reference "
+                                       "code); off: no blending."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise for the 're-noised source' blend only."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, inversion, cfg, blend=BLEND_TRAJECTORY, seed=0,
+                layout=None) -> io.NodeOutput:
+        inv = inversion
+        _check_schedule(model, inv)
+        sigmas = inv.sigmas.flip(0)  # descending, the inversion's schedule walked back
+        mask = reference = None
+        if layout is not None and blend != BLEND_OFF and layout.regions:
+            mask = _blend_mask(layout, inv.latent)
+            if blend == BLEND_TRAJECTORY:
+                reference = ddim.trajectory_reference(inv.trajectory)
+            else:
+                reference = ddim.renoised_reference(inv.trajectory[0], sigmas, seed)
+        out = run_sampler(model, ddim.sample_ddim_blend, {"mask": mask, "reference": reference}, sigmas,
+                          positive, negative, cfg, inv.latent, seed=seed)
+        return io.NodeOutput({"samples": out.detach().to("cpu", torch.float32)})
+
+
+NODES = [VideoGrainSample]

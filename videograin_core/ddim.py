@@ -1,0 +1,123 @@
+"""Deterministic DDIM inversion and DDIM sampling with latent blending, as k-diffusion
+style sampler functions in the host's sigma space.
+
+In sigma space (x = x0 + sigma * eps, the model sees x / sqrt(1 + sigma^2)) DDIM with
+eta 0 is exactly the Euler step x' = x + (sigma' - sigma) * eps. Sampling evaluates eps
+at the current sigma; inversion walks the same schedule upwards and evaluates eps at the
+TARGET sigma with the latent of the current one, as the reference's `next_step` does
+(the model gets timestep t and the latent of t - 20). Both run through the host's
+sampler machinery (its `model(x, sigma)` returns the denoised x0), so ControlNet,
+cfg and attention patches apply as in any sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Inversion", "sample_ddim_inversion", "sample_ddim_blend", "trajectory_reference",
+           "renoised_reference", "latent_mask"]
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """What travels on VIDEOGRAIN_INVERSION wires (all tensors on the CPU, float32)."""
+    latent: torch.Tensor      # the inverted latent at sigmas[-1], LATENT space (as a LATENT's "samples")
+    trajectory: torch.Tensor  # [steps + 1, F, C, h, w]: x at every sigma, in the model's internal space
+    sigmas: torch.Tensor      # [steps + 1] ascending: 0, s_1, ..., s_max (the inversion's order)
+    steps: int
+    source: torch.Tensor      # the source latent, LATENT space
+
+    def __post_init__(self):
+        if self.trajectory.shape[0] != self.steps + 1 or self.sigmas.shape[0] != self.steps + 1:
+            raise ValueError(f"inversion of {self.steps} steps needs {self.steps + 1} trajectory latents and sigmas, "
+                             f"got {self.trajectory.shape[0]} and {self.sigmas.shape[0]}")
+        if tuple(self.trajectory.shape[1:]) != tuple(self.latent.shape) or tuple(self.source.shape) != tuple(self.latent.shape):
+            raise ValueError(f"inversion shapes disagree: trajectory {tuple(self.trajectory.shape)}, "
+                             f"latent {tuple(self.latent.shape)}, source {tuple(self.source.shape)}")
+
+
+def _to_cpu(x):
+    return x.detach().to("cpu", torch.float32, copy=True)
+
+
+@torch.no_grad()
+def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None):
+    """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max).
+
+    x_{i+1} = x_i + (s_{i+1} - s_i) * eps(x_i, s_{i+1}). The model is handed x_i as the
+    reference hands it to the UNet (normalised for its own level s_i: x_i / sqrt(1 + s_i^2))
+    at the timestep of s_{i+1}; the host divides its input by sqrt(1 + s_{i+1}^2), hence
+    the rescale. `trajectory` (a list) receives x at every sigma, on the CPU.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    if trajectory is not None:
+        trajectory.append(_to_cpu(x))
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x_in = x * ((1 + sigma_next ** 2) / (1 + sigma ** 2)) ** 0.5
+        denoised = model(x_in, sigma_next * s_in, **extra_args)
+        eps = (x_in - denoised) / sigma_next
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
+        x = x + (sigma_next - sigma) * eps
+        if trajectory is not None:
+            trajectory.append(_to_cpu(x))
+    return x
+
+
+@torch.no_grad()
+def sample_ddim_blend(model, x, sigmas, extra_args=None, callback=None, disable=None, mask=None, reference=None):
+    """DDIM (eta 0) along descending `sigmas`, blending after every step:
+    x = x * mask + reference(i + 1) * (1 - mask), reference(j) = a latent at sigmas[j].
+
+    mask: [F, 1, h, w] in 0..1 (1 = edited). Without mask/reference this is the host's
+    "ddim" (Euler) sampler exactly.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    blend = mask is not None and reference is not None and not bool((mask >= 1).all())  # all-ones: no-op
+    if blend:
+        mask = mask.to(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        eps = (x - denoised) / sigmas[i]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps
+        if blend:
+            x = x * mask + reference(i + 1).to(x) * (1 - mask)
+    return x
+
+
+def trajectory_reference(inversion_trajectory: torch.Tensor):
+    """reference(j) for descending sampling sigmas: the inversion's latent at the same sigma."""
+    desc = inversion_trajectory.flip(0)
+    return lambda j: desc[j]
+
+
+def renoised_reference(source: torch.Tensor, sigmas_desc: torch.Tensor, seed: int):
+    """reference(j) = source + sigmas[j] * fresh noise (the reference implementation's blend):
+    `source` in the model's internal space; noise drawn from a generator seeded once."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    src = source.to("cpu", torch.float32)
+
+    def reference(j):
+        noise = torch.randn(src.shape, generator=g, dtype=torch.float32)
+        return src + float(sigmas_desc[j]) * noise
+    return reference
+
+
+def latent_mask(union: torch.Tensor, frames: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Union mask bool [F or 1, H, W] at frame resolution -> float [frames, 1, h, w] on the
+    latent grid (nearest: stays binary)."""
+    m = union.float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.shape[0] == 1 and frames != 1:
+        m = m.expand(frames, -1, -1)
+    if m.shape[0] != frames:
+        raise ValueError(f"the layout's masks have {m.shape[0]} frames but the latent has {frames}: "
+                         "give one mask per frame, or a single mask for all")
+    return torch.nn.functional.interpolate(m[:, None], size=tuple(latent_hw), mode="nearest-exact")

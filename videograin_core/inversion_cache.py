@@ -1,0 +1,172 @@
+"""On-disk cache of inversion results: safetensors files named by a sha256 key.
+
+The key is a digest of everything the result depends on (see `fingerprint`); the caller
+chooses the folder (never from user input). Entries are written to a temporary file and
+moved into place, so an interrupted run never leaves a partial entry; a damaged entry
+(unreadable, wrong shapes, checksum mismatch) is deleted and reported as a miss.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import uuid
+
+import numpy as np
+import torch
+
+from .ddim import Inversion
+
+CACHE_VERSION = "videograin-inversion-2"
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_FULL_HASH_ELEMENTS = 1 << 22   # tensors up to this size are hashed whole, larger ones sampled
+_SAMPLE_ELEMENTS = 4096
+
+
+# ---------------------------------------------------------------- fingerprints
+def tensor_digest(t: torch.Tensor, sample: bool | None = None) -> str:
+    """sha256 of dtype, shape and values; a strided sample of the values when the tensor is
+    large (or `sample=True`): model weights are fingerprinted that way, cheaply."""
+    t = t.detach()
+    n = t.numel()
+    if sample is None:
+        sample = n > _FULL_HASH_ELEMENTS
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|{'s' if sample else 'f'}|".encode())
+    if n:
+        flat = t.reshape(-1)
+        if sample and n > _SAMPLE_ELEMENTS:
+            idx = torch.linspace(0, n - 1, _SAMPLE_ELEMENTS, device=flat.device).long()
+            flat = flat[idx]
+        flat = flat.to("cpu").contiguous()
+        if flat.dtype == torch.bfloat16:
+            flat = flat.view(torch.int16)
+        h.update(flat.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset()):
+    """A JSON-able description of `obj` that changes when anything that matters changes:
+    tensors by digest, containers recursively, callables by name (and their partial
+    arguments, bound object and closure), other objects by type and attributes.
+    `hook(obj)` may return a description to use instead (host types), or None."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return repr(obj)
+    if _depth > 8:
+        return f"<deep {type(obj).__qualname__}>"
+    if hook is not None:
+        d = hook(obj)
+        if d is not None:
+            return d
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": tensor_digest(obj)}
+    if isinstance(obj, np.ndarray):
+        return {"tensor": tensor_digest(torch.from_numpy(np.ascontiguousarray(obj)))}
+    if id(obj) in _seen:
+        return f"<cycle {type(obj).__qualname__}>"
+    seen = _seen | {id(obj)}
+    rec = functools.partial(fingerprint, hook=hook, _depth=_depth + 1, _seen=seen)
+    if isinstance(obj, dict):
+        return {"dict": sorted(([str(k), rec(v)] for k, v in obj.items()), key=lambda kv: kv[0])}
+    if isinstance(obj, (list, tuple)):
+        return [rec(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return {"set": sorted(json.dumps(rec(v), sort_keys=True) for v in obj)}
+    if isinstance(obj, torch.nn.Module):
+        return {"module": type(obj).__qualname__,
+                "weights": [[k, tensor_digest(v, sample=True)] for k, v in sorted(obj.state_dict().items())]}
+    if isinstance(obj, functools.partial):
+        return {"partial": rec(obj.func), "args": rec(obj.args), "kw": rec(obj.keywords)}
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        d = {"fn": f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"}
+        if getattr(obj, "__self__", None) is not None and not isinstance(obj.__self__, type(json)):
+            d["self"] = rec(obj.__self__)
+        if getattr(obj, "__closure__", None):
+            cells = []
+            for c in obj.__closure__:
+                try:
+                    cells.append(rec(c.cell_contents))
+                except ValueError:  # empty cell
+                    cells.append(None)
+            d["closure"] = cells
+        return d
+    state = getattr(obj, "__dict__", None)
+    d = {"object": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    if state is not None:
+        d["state"] = rec(state)
+    elif hasattr(obj, "__slots__"):
+        d["state"] = rec({s: getattr(obj, s, None) for s in obj.__slots__})
+    else:
+        d["repr"] = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))[:200]  # no addresses: keys survive restarts
+    return d
+
+
+def make_key(parts: dict, hook=None) -> str:
+    """sha256 key of the parts (with the cache version)."""
+    desc = fingerprint({"version": CACHE_VERSION, **parts}, hook=hook)
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- the store
+_TENSORS = ("latent", "trajectory", "sigmas", "source")
+
+
+def _checksum(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in _TENSORS:
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class InversionCache:
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def path(self, key: str) -> str:
+        if not _KEY_RE.match(key):
+            raise ValueError("cache keys are sha256 hex digests")
+        return os.path.join(self.folder, f"{key}.safetensors")
+
+    def load(self, key: str) -> tuple[Inversion | None, str]:
+        """(inversion, "hit") or (None, "miss") or (None, "damaged: why") after deleting it."""
+        from safetensors import safe_open
+        path = self.path(key)
+        if not os.path.exists(path):
+            return None, "miss"
+        try:
+            with safe_open(path, "pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in _TENSORS}
+            if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+                raise ValueError("written by another version or for another key")
+            if meta.get("checksum") != _checksum(tensors):
+                raise ValueError("checksum mismatch")
+            inv = Inversion(latent=tensors["latent"], trajectory=tensors["trajectory"], sigmas=tensors["sigmas"],
+                            steps=int(meta["steps"]), source=tensors["source"])
+        except Exception as e:  # truncated or garbled files raise all sorts of errors
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            return None, f"damaged: {e.__class__.__name__}: {e}"
+        return inv, "hit"
+
+    def save(self, key: str, inv: Inversion) -> str:
+        from safetensors.torch import save_file
+        path = self.path(key)
+        os.makedirs(self.folder, exist_ok=True)
+        tensors = {name: getattr(inv, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
+        meta = {"version": CACHE_VERSION, "key": key, "steps": str(inv.steps), "checksum": _checksum(tensors)}
+        tmp = os.path.join(self.folder, f".{key}.{uuid.uuid4().hex}.partial")
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)  # atomic: readers see the old state or the whole entry
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
