@@ -45,7 +45,7 @@ class VideoGrainLayoutConditioning(io.ComfyNode):
                                 tooltip="the whole edit; must contain every local prompt word for word"),
                 LAYOUT.Input("layout", tooltip="regions from Local Prompt nodes"),
             ],
-            outputs=[io.Conditioning.Output("positive"), LAYOUT.Output("layout")],
+            outputs=[io.Conditioning.Output("positive"), LAYOUT.Output("encoded_layout", display_name="layout")],
         )
 
     @classmethod

@@ -25,7 +25,7 @@ class VideoGrainLocalPrompt(io.ComfyNode):
                                 tooltip="the words of the global prompt that describe this region"),
                 LAYOUT.Input("layout", optional=True, tooltip="regions so far"),
             ],
-            outputs=[LAYOUT.Output("layout")],
+            outputs=[LAYOUT.Output("layout_out", display_name="layout")],
         )
 
     @classmethod

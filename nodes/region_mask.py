@@ -39,7 +39,7 @@ class VideoGrainRegionMask(io.ComfyNode):
                 TRANSFORM.Input("transform", tooltip="the Video Loader's transform output"),
                 io.Float.Input("threshold", **_THRESHOLD),
             ],
-            outputs=[io.Mask.Output("mask", tooltip="binary mask [frames, height, width] at the frames' size")],
+            outputs=[io.Mask.Output("region_mask", display_name="mask", tooltip="binary mask [frames, height, width] at the frames' size")],
         )
 
     @classmethod
@@ -68,7 +68,7 @@ class VideoGrainRegionMaskFromFile(io.ComfyNode):
                 io.Combo.Input("channel", options=list(CHANNELS), default="luminance",
                                tooltip="which channel holds the mask (white = inside)"),
             ],
-            outputs=[io.Mask.Output("mask", tooltip="binary mask [frames, height, width] at the frames' size")],
+            outputs=[io.Mask.Output("region_mask", display_name="mask", tooltip="binary mask [frames, height, width] at the frames' size")],
         )
 
     @classmethod

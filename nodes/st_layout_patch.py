@@ -1,2 +1,134 @@
-"""Placeholder until this node module lands."""
-NODES = []
+"""ST-Layout Patch: the method's attention inside the host's UNet, through the public
+attention-replace patch points only. The runtime lives in
+videograin_core.st_layout_patch; this node finds the transformer blocks, chains any
+replace already registered, and checks inputs before sampling starts."""
+from __future__ import annotations
+
+import re
+
+from comfy_api.latest import io
+
+from ..videograin_core.st_layout_patch import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
+
+LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")
+WRAPPER_KEY = "videograin_st_layout"
+
+# input_blocks.N.<i>.transformer_blocks.K, middle_block.<i>.transformer_blocks.K, output_blocks.N...
+_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?\d+\.transformer_blocks\.(\d+)$")
+_BLOCK_NAME = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
+    """(block name, block number, transformer index) of every transformer block, the keys
+    the host's attention replace patches are looked up by."""
+    out = []
+    for name, module in diffusion_model.named_modules():
+        m = _BLOCK.match(name)
+        if m is None or getattr(module, "attn2", None) is None:
+            continue
+        kind, number, index = m.group(1), m.group(2), int(m.group(3))
+        out.append((_BLOCK_NAME[kind], int(number) if number is not None else 0, index))
+    return out
+
+
+def _host_attention(q, k, v, extra_options):
+    # Resolved at call time: the host picks its attention implementation at start-up.
+    import comfy.ldm.modules.attention as attention
+    return attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                         attn_precision=extra_options.get("attn_precision"),
+                                         transformer_options=extra_options)
+
+
+def _existing(model_options: dict, which: str, key: tuple):
+    """The replace the host would have called for this layer: the (block, number, index)
+    entry, else the (block, number) entry, as BasicTransformerBlock looks them up."""
+    table = model_options.get("transformer_options", {}).get("patches_replace", {}).get(which, {})
+    return table.get(key) or table.get(key[:2])
+
+
+def _check_sd15(model) -> list:
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    context_dim = config.get("context_dim")
+    if diffusion_model is None or context_dim != 768:
+        raise ValueError(f"model: VideoGrain needs a Stable Diffusion 1.5 family UNet (768-wide text context); "
+                         f"this model has context_dim {context_dim}. Load an SD1.5 checkpoint.")
+    blocks = transformer_blocks(diffusion_model)
+    if not blocks:
+        raise ValueError("model: no transformer blocks with cross-attention found in the UNet; VideoGrain needs an "
+                         "SD1.5 family model")
+    return blocks
+
+
+class VideoGrainSTLayoutPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VideoGrainSTLayoutPatch",
+            display_name="VideoGrain ST-Layout Patch",
+            category="VideoGrain",
+            description="Patches the model's attention: full space-time self-attention over all frames, and "
+                        "region-aware modulation of self- and cross-attention (ST-Layout Attn) in the first "
+                        "steps. Returns a patched copy; the input model is unchanged.",
+            inputs=[
+                io.Model.Input("model"),
+                LAYOUT.Input("layout", tooltip="the layout output of VideoGrain Layout Conditioning"),
+                io.Boolean.Input("full_frame_attention", default=True,
+                                 tooltip="self-attention queries attend to every frame's keys (all layers)"),
+                io.Float.Input("self_strength", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="self-attention modulation strength (0 = off)"),
+                io.Float.Input("cross_strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="cross-attention modulation strength (0 = off)"),
+                io.Float.Input("end_percent", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="modulate during this fraction of the steps (the first ones)"),
+                io.Combo.Input("self_branch", options=list(SELF_BRANCHES), default="uncond",
+                               tooltip="CFG branch whose self-attention is modulated (the reference: uncond)"),
+                io.Combo.Input("size_term", options=list(SIZE_TERMS), default="reference",
+                               tooltip="self-attention size term: reference (/F*F*h*w) or paper (/F*h*w)"),
+                io.Boolean.Input("modulate_full_resolution", default=False,
+                                 tooltip="also modulate the layers at the latent's own resolution"),
+            ],
+            outputs=[io.Model.Output("patched_model", display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, layout, full_frame_attention=True, self_strength=0.3, cross_strength=1.0,
+                end_percent=0.3, self_branch="uncond", size_term="reference",
+                modulate_full_resolution=False) -> io.NodeOutput:
+        import comfy.patcher_extension
+        from ..videograin_core.st_layout import layout_attention
+
+        blocks = _check_sd15(model)
+        options = PatchOptions(full_frame_attention=bool(full_frame_attention), self_strength=float(self_strength),
+                               cross_strength=float(cross_strength), end_percent=float(end_percent),
+                               self_branch=self_branch, size_term=size_term,
+                               modulate_full_resolution=bool(modulate_full_resolution))
+        if getattr(layout, "regions", None) is None:
+            raise ValueError("layout: expected a VIDEOGRAIN_LAYOUT from VideoGrain Layout Conditioning")
+        model_sampling = model.get_model_object("model_sampling")
+        runtime = STLayoutRuntime(layout, options, _host_attention, model_sampling.timestep, layout_attention)
+
+        patched = model.clone()
+        for key in blocks:
+            patched.set_model_attn1_replace(runtime.make_attn1(_existing(model.model_options, "attn1", key)), *key)
+            patched.set_model_attn2_replace(runtime.make_attn2(_existing(model.model_options, "attn2", key)), *key)
+
+        def check_before_sampling(executor, noise, *args, **kwargs):
+            # Runs once per sampling call, before the first step: clear errors instead of
+            # a failure deep inside the UNet.
+            guider = executor.class_obj
+            to = getattr(guider, "model_options", {}).get("transformer_options", {})
+            runtime.check_latent(tuple(noise.shape))
+            if not to.get("videograin_disable_modulation"):
+                for c in getattr(guider, "original_conds", {}).get("positive", []) or []:
+                    ca = c.get("cross_attn") if isinstance(c, dict) else None
+                    if ca is not None:
+                        runtime.check_positive(ca.shape[1])
+            return executor(noise, *args, **kwargs)
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                     check_before_sampling)
+        return io.NodeOutput(patched)
+
+
+NODES = [VideoGrainSTLayoutPatch]

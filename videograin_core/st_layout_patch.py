@@ -1,0 +1,326 @@
+"""Runtime of the ST-Layout patch: the attention functions the host calls in place of
+its own self- and cross-attention (METHOD.md sections 2, 3 and 7).
+
+Host independent: the node hands in the host's attention function, the model's
+sigma -> timestep map and the layout; this module reads only the plain values the host
+puts in `extra_options` (cond_or_uncond, activations_shape, original_shape, sigmas,
+sample_sigmas, n_heads) and never imports ComfyUI.
+
+What a call does
+- Self-attention (attn1): with full-frame attention on, the batch [chunks*F, hw, C] is
+  regrouped per cond/uncond chunk into [chunks, F*hw, C] so every query sees every
+  frame's keys; on modulated layers and steps, the chunks of the chosen branch(es) get
+  the modulated attention (positive pair = the two tokens share a region).
+- Cross-attention (attn2): on modulated layers and steps, the positive (cond) chunks get
+  the modulated attention (positive pair = pixel in region k, token in local prompt k's
+  span); every other chunk goes to the host's (or the chained) attention untouched.
+
+Everything that depends only on the run (masks at each token grid, region membership,
+size terms, text-token membership, treg per sigma) is computed once and cached.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .layout import Layout
+
+SELF_BRANCHES = {"uncond": (1,), "cond": (0,), "both": (0, 1)}
+SIZE_TERMS = ("reference", "paper")
+
+# Attention the host would run: fn(q, k, v, extra_options) -> [B, Lq, heads*d].
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    full_frame_attention: bool = True
+    self_strength: float = 0.3
+    cross_strength: float = 1.0
+    end_percent: float = 0.3
+    self_branch: str = "uncond"          # which CFG branch gets self-attention modulation
+    size_term: str = "reference"         # self-attention size term: reference (F*F*h*w) or paper (F*h*w)
+    modulate_full_resolution: bool = False  # also modulate the layers at the latent's own resolution
+
+    def __post_init__(self):
+        if self.self_branch not in SELF_BRANCHES:
+            raise ValueError(f"self_branch must be one of {', '.join(SELF_BRANCHES)}, got {self.self_branch!r}")
+        if self.size_term not in SIZE_TERMS:
+            raise ValueError(f"size_term must be one of {', '.join(SIZE_TERMS)}, got {self.size_term!r}")
+        if not 0.0 <= self.end_percent <= 1.0:
+            raise ValueError(f"end_percent must be between 0 and 1, got {self.end_percent}")
+        for name in ("self_strength", "cross_strength"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1 (1 pulls positive keys all the way to the "
+                                 f"row maximum), got {getattr(self, name)}")
+
+
+def treg(t: float) -> float:
+    """Timestep weight ((t - 1) / 1000) ** 5: strong early, fades out."""
+    return ((float(t) - 1.0) / 1000.0) ** 5
+
+
+def grid_level(activations_shape, original_shape) -> int | None:
+    """How many times the token grid was halved from the latent (0 = full resolution)."""
+    if not activations_shape or not original_shape or len(activations_shape) < 4 or len(original_shape) < 4:
+        return None
+    h, H = activations_shape[-2], original_shape[-2]
+    if h <= 0 or H <= 0:
+        return None
+    # Odd sizes halve with rounding up, so the ratio is near, not exactly, a power of two.
+    return max(0, round(math.log2(H / h)))
+
+
+class _GridTerms:
+    """Region membership and size terms at one token grid for one frame count."""
+
+    def __init__(self, masks: torch.Tensor, h: int, w: int, options: PatchOptions):
+        # masks: bool [F, S, H, W] at frame resolution
+        f, s = masks.shape[:2]
+        hw = h * w
+        small = F.interpolate(masks.float(), size=(h, w), mode="nearest-exact") > 0.5  # [F, S, h, w]
+        frame_regions = small.flatten(2).transpose(1, 2).contiguous()  # [F, hw, S]
+        self.frame_regions = frame_regions
+        # Full-frame self-attention: queries and keys are all frames' tokens.
+        self.clip_regions = frame_regions.reshape(f * hw, s)
+        # Positive-key counts go through the distinct region signatures (a handful) instead
+        # of a token x token matrix, which would be (F*hw)^2.
+        sig, inverse = torch.unique(self.clip_regions, dim=0, return_inverse=True)
+        nsig = sig.shape[0]
+        share = ((sig.float() @ sig.float().T) > 0).float()           # [nsig, nsig]
+        per_frame = torch.bincount(inverse + nsig * torch.arange(f).repeat_interleave(hw),
+                                   minlength=f * nsig).reshape(f, nsig).float()
+        npos_frame = (per_frame @ share.T).gather(1, inverse.reshape(f, hw))  # [F, hw]: same-frame keys
+        npos_clip = (share @ per_frame.sum(0))[inverse]                        # [F*hw]: all frames' keys
+        ref = options.size_term == "reference"
+        # Paper: 1 - |positive keys| / |keys|. Reference: divides by F times more.
+        self.self_size_clip = 1.0 - npos_clip / (f * hw * (f if ref else 1))
+        self.self_size_frame = 1.0 - npos_frame / (hw * (f if ref else 1))
+        # Cross-attention size: share of the frame's pixels in the query pixel's region(s).
+        self.cross_size = 1.0 - npos_frame / hw
+
+
+class STLayoutRuntime:
+    """Shared by the attn1/attn2 functions of one patched model."""
+
+    def __init__(self, layout: Layout, options: PatchOptions, host_attention: AttnFn,
+                 timestep_fn: Callable[[torch.Tensor], torch.Tensor], layout_attention: Callable):
+        if layout.spans is None:
+            raise ValueError("layout: it has no token spans; pass it through VideoGrain Layout Conditioning first "
+                             "and wire that node's layout output here")
+        if not layout.regions:
+            raise ValueError("layout: it has no regions; add at least one VideoGrain Local Prompt")
+        self.layout = layout
+        self.options = options
+        self.host_attention = host_attention
+        self.timestep_fn = timestep_fn
+        self.layout_attention = layout_attention
+        self._grids: dict = {}
+        self._text: dict = {}
+        self._steps: dict = {}
+        self._masks: dict = {}
+
+    # ------------------------------------------------------------ checks
+    def check_latent(self, latent_shape) -> None:
+        """Errors before sampling: mask size vs latent*8, mask frames vs latent batch."""
+        if len(latent_shape) != 4:
+            raise ValueError(f"latent: expected a 4-D image latent [frames, channels, h, w], got "
+                             f"{tuple(latent_shape)}")
+        frames, _, h, w = latent_shape
+        mh, mw = self.layout.size
+        if (mh, mw) != (h * 8, w * 8):
+            raise ValueError(f"layout: the region masks are {mw}x{mh} but the latent is {w}x{h} (frames of "
+                             f"{w * 8}x{h * 8}): give masks at the frames' size (Region Mask with the Video "
+                             f"Loader's transform)")
+        self.check_frames(frames)
+
+    def check_frames(self, frames: int) -> None:
+        fc = self.layout.frame_count
+        if fc not in (1, frames):
+            raise ValueError(f"layout: the region masks have {fc} frames but the video latent has {frames} frames: "
+                             f"give one mask per frame (or a single mask for all frames)")
+
+    def check_positive(self, token_count: int) -> None:
+        L = self.layout.token_count
+        if L and token_count % L:
+            raise ValueError(f"positive: the positive conditioning has {token_count} tokens but the layout was "
+                             f"encoded for {L}: wire VideoGrain Layout Conditioning's positive output (unaltered) as "
+                             f"the positive, from the same prompt as the layout")
+
+    # ------------------------------------------------------------ cached per-run terms
+    def _frame_masks(self, frames: int) -> torch.Tensor:
+        m = self._masks.get(frames)
+        if m is None:
+            self.check_frames(frames)
+            m = self._masks[frames] = self.layout.masks(frames)
+        return m
+
+    def grid(self, h: int, w: int, frames: int, device) -> _GridTerms:
+        key = (h, w, frames, str(device))
+        g = self._grids.get(key)
+        if g is None:
+            g = _GridTerms(self._frame_masks(frames), h, w, self.options)
+            for name in ("frame_regions", "clip_regions", "self_size_clip", "self_size_frame", "cross_size"):
+                setattr(g, name, getattr(g, name).to(device))
+            self._grids[key] = g
+        return g
+
+    def text_regions(self, lk: int, device) -> torch.Tensor:
+        """bool [Lk, S]: key token p belongs to region s iff p % L_pos lies in s's span. The
+        sampler repeats a shorter conditioning to batch it with a longer one, so key p of
+        the positive chunk is its token p % L_pos."""
+        key = (lk, str(device))
+        t = self._text.get(key)
+        if t is None:
+            L = self.layout.token_count or lk
+            if lk % L:
+                raise ValueError(f"positive: cross-attention got {lk} text tokens, not a multiple of the {L} tokens "
+                                 f"the layout was encoded for: use VideoGrain Layout Conditioning's positive output "
+                                 f"unaltered as the positive conditioning")
+            pos = torch.arange(lk) % L
+            cols = []
+            for span in self.layout.spans:
+                if span is None:
+                    cols.append(torch.zeros(lk, dtype=torch.bool))
+                else:
+                    cols.append((pos >= span[0]) & (pos < span[1]))
+            t = self._text[key] = torch.stack(cols, dim=1).to(device)
+        return t
+
+    def step_weight(self, extra_options: dict) -> float:
+        """treg(t) while the step is within end_percent of the schedule, else 0."""
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return 0.0
+        sigma = torch.as_tensor(sigmas).flatten()[0].float()
+        key = float(sigma)
+        w = self._steps.get(key)
+        if w is not None:
+            return w
+        schedule = extra_options.get("sample_sigmas")
+        active = False
+        if schedule is not None:
+            sched = torch.as_tensor(schedule).flatten().float().cpu()
+            steps = max(1, sched.numel() - 1)
+            idx = int(torch.argmin((sched - sigma.cpu()).abs()))
+            active = idx < self.options.end_percent * steps
+        t = float(torch.as_tensor(self.timestep_fn(sigma.reshape(1))).flatten()[0])
+        if schedule is None:
+            # No schedule (a caller outside the host's samplers): judge by the timestep.
+            active = t >= (1.0 - self.options.end_percent) * 1000.0
+        w = self._steps[key] = treg(t) if active else 0.0
+        return w
+
+    def layer_modulated(self, extra_options: dict) -> tuple[int, int] | None:
+        """(h, w) of the token grid when this layer is one the method modulates."""
+        act = extra_options.get("activations_shape")
+        level = grid_level(act, extra_options.get("original_shape"))
+        if level is None:
+            return None
+        if level in (1, 2, 3) or (level == 0 and self.options.modulate_full_resolution):
+            return int(act[-2]), int(act[-1])
+        return None
+
+    # ------------------------------------------------------------ attention functions
+    def _batch(self, q, extra_options):
+        cu = extra_options.get("cond_or_uncond")
+        if not cu or q.shape[0] % len(cu):
+            return None  # not a sampler batch of chunks x frames: not ours
+        return list(cu), q.shape[0] // len(cu)
+
+    def _modulation_weight(self, extra_options) -> float:
+        if extra_options.get("videograin_disable_modulation"):
+            return 0.0
+        return self.step_weight(extra_options)
+
+    def make_attn1(self, previous: AttnFn | None) -> AttnFn:
+        inner = previous or self.host_attention
+        opts = self.options
+
+        def attn1(q, k, v, extra_options):
+            batch = self._batch(q, extra_options)
+            if batch is None:
+                return inner(q, k, v, extra_options)
+            cu, frames = batch
+            n, lq, c = q.shape[0] // frames, q.shape[1], q.shape[2]
+            heads = extra_options["n_heads"]
+            grid = self.layer_modulated(extra_options) if opts.self_strength > 0 else None
+            weight = self._modulation_weight(extra_options) if grid is not None else 0.0
+            mod_chunks = [i for i, b in enumerate(cu) if b in SELF_BRANCHES[opts.self_branch]] if weight > 0 else []
+            if grid is not None and grid[0] * grid[1] != lq:
+                mod_chunks = []  # a token count that is not the grid (some other patch reshaped it): leave it
+
+            if opts.full_frame_attention and frames > 1:
+                # chunk-major batch: rows chunk*F .. chunk*F+F-1 are one chunk's frames
+                q2 = q.reshape(n, frames * lq, c)
+                k2 = k.reshape(n, frames * k.shape[1], k.shape[2])
+                v2 = v.reshape(n, frames * v.shape[1], v.shape[2])
+            else:
+                q2, k2, v2 = q, k, v
+            if not mod_chunks:
+                out = inner(q2, k2, v2, extra_options)
+                return out.reshape(q.shape[0], lq, -1)
+
+            terms = self.grid(grid[0], grid[1], frames, q.device)
+            if opts.full_frame_attention and frames > 1:
+                rows = mod_chunks
+                qr = kr = terms.clip_regions
+                cw = (opts.self_strength * weight) * terms.self_size_clip
+            else:
+                rows = [i * frames + f for i in mod_chunks for f in range(frames)]
+                qr = kr = terms.frame_regions.repeat(len(mod_chunks), 1, 1)
+                cw = ((opts.self_strength * weight) * terms.self_size_frame).repeat(len(mod_chunks), 1)
+            out = self._split_run(q2, k2, v2, rows, inner, extra_options,
+                                  lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw.to(qq.dtype)))
+            return out.reshape(q.shape[0], lq, -1)
+
+        return attn1
+
+    def make_attn2(self, previous: AttnFn | None) -> AttnFn:
+        inner = previous or self.host_attention
+        opts = self.options
+
+        def attn2(q, k, v, extra_options):
+            if opts.cross_strength <= 0:
+                return inner(q, k, v, extra_options)
+            batch = self._batch(q, extra_options)
+            grid = self.layer_modulated(extra_options)
+            if batch is None or grid is None or grid[0] * grid[1] != q.shape[1]:
+                return inner(q, k, v, extra_options)
+            cu, frames = batch
+            weight = self._modulation_weight(extra_options)
+            cond_chunks = [i for i, b in enumerate(cu) if b == 0]  # the positive is the cond branch
+            if weight <= 0 or not cond_chunks:
+                return inner(q, k, v, extra_options)
+            heads = extra_options["n_heads"]
+            terms = self.grid(grid[0], grid[1], frames, q.device)
+            kr = self.text_regions(k.shape[1], q.device)
+            qr = terms.frame_regions.repeat(len(cond_chunks), 1, 1)
+            cw = ((opts.cross_strength * weight) * terms.cross_size).repeat(len(cond_chunks), 1)
+            rows = [i * frames + f for i in cond_chunks for f in range(frames)]
+            return self._split_run(q, k, v, rows, inner, extra_options,
+                                   lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw.to(qq.dtype)))
+
+        return attn2
+
+    @staticmethod
+    def _split_run(q, k, v, rows, inner, extra_options, modulated):
+        """Rows `rows` through `modulated`, the rest through `inner`, reassembled in order."""
+        b = q.shape[0]
+        if len(rows) == b:
+            return modulated(q, k, v)
+        idx = torch.tensor(rows, device=q.device)
+        rest = torch.tensor([r for r in range(b) if r not in set(rows)], device=q.device)
+        out_mod = modulated(q[idx], k[idx], v[idx])
+        out_rest = inner(q[rest], k[rest], v[rest], extra_options)
+        out = out_mod.new_empty((b,) + tuple(out_mod.shape[1:]))
+        out[idx] = out_mod
+        out[rest] = out_rest.to(out.dtype)
+        return out
+
+
+__all__ = ["PatchOptions", "STLayoutRuntime", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
