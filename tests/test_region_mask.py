@@ -1,0 +1,199 @@
+"""Region masks line up with the frames: the Video Loader's frame selection, resize and
+crop are applied to masks from any host MASK, mask videos, PNG sequences and single
+images; paths stay inside the input folder."""
+from __future__ import annotations
+
+import os
+from importlib import import_module
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def core(comfy_host):
+    name = comfy_host.pack.__name__
+    return type("Core", (), {
+        "ft": import_module(name + ".videograin_core.frame_transform"),
+        "rm": import_module(name + ".videograin_core.region_masks"),
+        "layout": import_module(name + ".videograin_core.layout"),
+    })
+
+
+def _node(comfy_host, node_id):
+    return comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def _run(cls, **kw):
+    out = cls.execute(**kw)
+    return out.args if hasattr(out, "args") else out.result
+
+
+def _source_masks(frames=6, w=40, h=24):
+    """Distinct per-frame masks at source size: a block that moves right each frame."""
+    m = torch.zeros(frames, h, w)
+    for i in range(frames):
+        m[i, 4:20, 2 + 4 * i: 14 + 4 * i] = 1.0
+    return m
+
+
+def _transform(core, **kw):
+    # A non-square source, resized (short side 16) and centre-cropped, every 2nd frame.
+    args = dict(skip_first=1, every_nth=2, frame_cap=0, short_side=16, crop="center")
+    args.update(kw)
+    return core.ft.plan_transform((40, 24), 6, **args)
+
+
+def _expected(t, masks):
+    sel = masks[list(t.frame_indices)]
+    return t.apply_spatial(sel[:, None], mode="nearest")[:, 0] > 0.5
+
+
+def test_host_mask_at_source_size_gets_the_frames_transform(comfy_host, core):
+    t = _transform(core)
+    assert t.frame_indices == (1, 3, 5) and t.size == (24, 16)  # 40x24 -> 27x16 -> crop 24x16
+    masks = _source_masks() * 0.8  # soft values: binarised at the threshold
+    (out,) = _run(_node(comfy_host, "VideoGrainRegionMask"), mask=masks, transform=t, threshold=0.5)
+    assert out.shape == (3, 16, 24) and out.dtype == torch.float32
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.bool(), _expected(t, masks))
+    # the crop offset matters: a plain resize without the crop would not line up
+    plain = torch.nn.functional.interpolate(masks[[1, 3, 5], None], size=(16, 24), mode="nearest-exact")[:, 0] > 0.5
+    assert not torch.equal(out.bool(), plain)
+    # threshold is honoured
+    (none,) = _run(_node(comfy_host, "VideoGrainRegionMask"), mask=masks, transform=t, threshold=0.9)
+    assert none.sum() == 0
+
+
+def test_frames_selected_or_passed_or_broadcast(comfy_host, core):
+    node = _node(comfy_host, "VideoGrainRegionMask")
+    t = _transform(core)
+    loaded = torch.zeros(3, 16, 24)
+    loaded[1, 2:5, 3:9] = 1
+    (out,) = _run(node, mask=loaded, transform=t, threshold=0.5)
+    assert torch.equal(out, loaded)  # already the loaded frames' count and size: passes through
+    (one,) = _run(node, mask=_source_masks()[:1], transform=t, threshold=0.5)
+    assert one.shape == (1, 16, 24)  # one mask for every frame
+    with pytest.raises(ValueError, match=r"mask has 4 frames but the video has 6 source frames \(3 loaded\)"):
+        _run(node, mask=torch.zeros(4, 24, 40), transform=t, threshold=0.5)
+    with pytest.raises(ValueError, match=r"mask is 30x20 but the video's source frames are 40x24 and the loaded frames 24x16"):
+        _run(node, mask=torch.zeros(3, 20, 30), transform=t, threshold=0.5)
+
+
+def test_crop_none_and_square(comfy_host, core):
+    node = _node(comfy_host, "VideoGrainRegionMask")
+    masks = _source_masks()
+    for crop in ("none", "center_square"):
+        t = _transform(core, crop=crop, skip_first=0, every_nth=1)
+        (out,) = _run(node, mask=masks, transform=t, threshold=0.5)
+        assert tuple(out.shape[1:]) == (t.size[1], t.size[0])
+        assert torch.equal(out.bool(), _expected(t, masks))
+
+
+def _write_png(path, arr):
+    from PIL import Image
+    Image.fromarray((arr * 255).astype(np.uint8), mode="L").save(path)
+
+
+def test_from_file_sequence_image_and_video(comfy_host, core):
+    node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
+    inp = comfy_host.folder_paths.get_input_directory()
+    t = _transform(core)
+    masks = _source_masks()
+    seq = os.path.join(inp, "vg_masks", "person")
+    os.makedirs(seq, exist_ok=True)
+    for i in range(6):  # frame_2 sorts before frame_10: natural order
+        _write_png(os.path.join(seq, f"frame_{i * 5}.png"), masks[i].numpy())
+    (out,) = _run(node, path="vg_masks/person", transform=t, threshold=0.5, channel="luminance")
+    assert torch.equal(out.bool(), _expected(t, masks))
+
+    _write_png(os.path.join(inp, "vg_single.png"), masks[0].numpy())
+    (one,) = _run(node, path="vg_single.png", transform=t, threshold=0.5, channel="luminance")
+    assert one.shape == (1, 16, 24)
+    assert torch.equal(one.bool(), t.apply_spatial(masks[:1, None], mode="nearest")[:, 0] > 0.5)
+
+    # a mask video (GIF: lossless, so the comparison is exact)
+    from PIL import Image
+    frames = [Image.fromarray((m.numpy() * 255).astype(np.uint8), mode="L").convert("RGB") for m in masks]
+    frames[0].save(os.path.join(inp, "vg_mask.gif"), save_all=True, append_images=frames[1:], duration=40, loop=0)
+    (vid,) = _run(node, path="vg_mask.gif", transform=t, threshold=0.5, channel="luminance")
+    assert torch.equal(vid.bool(), _expected(t, masks))
+
+
+def test_from_file_refuses_paths_out_of_the_input_folder(comfy_host, core, tmp_path):
+    node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
+    inp = comfy_host.folder_paths.get_input_directory()
+    t = _transform(core)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _write_png(str(outside / "m.png"), np.ones((24, 40), np.float32))
+    link = os.path.join(inp, "vg_link_out")
+    if not os.path.lexists(link):
+        os.symlink(str(outside), link)
+    for path, msg in [("../secret.png", r"leaves the input folder"), (str(outside / "m.png"), "is absolute"),
+                      ("vg_link_out/m.png", "outside the input folder"), ("vg_link_out", "outside the input folder"),
+                      ("nope.png", "does not exist"), ("", "is empty")]:
+        with pytest.raises(ValueError, match=msg):
+            _run(node, path=path, transform=t, threshold=0.5, channel="luminance")
+    # a link inside a sequence folder that points out is refused too
+    seq = os.path.join(inp, "vg_seq_with_link")
+    os.makedirs(seq, exist_ok=True)
+    _write_png(os.path.join(seq, "a.png"), np.ones((24, 40), np.float32))
+    if not os.path.lexists(os.path.join(seq, "b.png")):
+        os.symlink(str(outside / "m.png"), os.path.join(seq, "b.png"))
+    with pytest.raises(ValueError, match="link out of the input folder"):
+        _run(node, path="vg_seq_with_link", transform=t, threshold=0.5, channel="luminance")
+
+
+def test_local_prompt_chains_and_checks_frames(comfy_host, core):
+    node = _node(comfy_host, "VideoGrainLocalPrompt")
+    a = torch.zeros(3, 16, 24)
+    a[:, :, :12] = 1
+    (lay,) = _run(node, mask=a, local_prompt="a red car")
+    (lay,) = _run(node, mask=torch.ones(1, 16, 24), local_prompt="", layout=lay)  # one frame broadcasts
+    assert lay.prompts == ["a red car", ""]
+    assert lay.masks(3).shape == (3, 2, 16, 24)
+    with pytest.raises(ValueError, match="region mask has 2 frames but the layout's other masks have 3 frames"):
+        _run(node, mask=torch.ones(2, 16, 24), local_prompt="x", layout=lay)
+    with pytest.raises(ValueError, match="region mask is 8x8 but the layout's regions are 24x16"):
+        _run(node, mask=torch.ones(3, 8, 8), local_prompt="x", layout=lay)
+    with pytest.raises(ValueError, match="has 3 mask frames but the video has 5 frames"):
+        lay.masks(5)
+
+
+def _write_mp4(path, frames=6, w=40, h=24):
+    import av
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            img = np.full((h, w, 3), 20 * i, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.mark.server
+def test_server_reports_bad_mask_paths_and_keeps_serving(comfy_server):
+    _write_mp4(os.path.join(comfy_server.input_dir, "vg_src.mp4"))
+    os.makedirs(os.path.join(comfy_server.input_dir, "vg_seq"), exist_ok=True)
+    for i in range(6):
+        _write_png(os.path.join(comfy_server.input_dir, "vg_seq", f"{i}.png"), _source_masks()[i].numpy())
+
+    def prompt(path):
+        return {
+            "1": {"class_type": "VideoGrainVideoLoader", "inputs": {"video": "vg_src.mp4", "skip_first_frames": 0,
+                  "select_every_nth": 2, "frame_load_cap": 0, "size": 16, "crop": "center"}},
+            "2": {"class_type": "VideoGrainRegionMaskFromFile", "inputs": {"path": path, "transform": ["1", 3],
+                  "threshold": 0.5, "channel": "luminance"}},
+            "3": {"class_type": "VideoGrainLocalPrompt", "inputs": {"mask": ["2", 0], "local_prompt": "x"}},
+            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+        }
+    err = comfy_server.run_expect_error(prompt("../../etc/passwd"))
+    assert "leaves the input folder" in err, err
+    err = comfy_server.run_expect_error(prompt("/etc/passwd"))
+    assert "is absolute" in err, err
+    comfy_server.run(prompt("vg_seq"), timeout=120)
+    assert comfy_server.alive()
