@@ -1,0 +1,150 @@
+"""layout_attention against a dense reference of the rule's FIRST form (METHOD.md section 2)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videograin_core import st_layout
+from videograin_core.st_layout import block_plan, full_attention, layout_attention
+
+
+def dense_reference(q, k, v, heads, q_regions, k_regions, c):
+    """s' = s + P*c*(mx - s) - (1 - P)*c*(s - mn), softmax, @ v; everything in float64."""
+    b, lq, inner = q.shape
+    d = inner // heads
+    qr = q_regions if q_regions.dim() == 3 else q_regions[None].expand(b, -1, -1)
+    kr = k_regions if k_regions.dim() == 3 else k_regions[None].expand(b, -1, -1)
+    c = torch.as_tensor(c, dtype=torch.float64)
+    c = c if c.dim() == 2 else c[None].expand(b, -1)
+    qh, kh, vh = (t.double().view(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    s = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    P = torch.zeros(b, lq, k.shape[1], dtype=torch.float64)
+    for i in range(lq):                      # P[q, k] = q and k share a region
+        P[:, i] = (qr[:, i, None, :] & kr).any(-1).double()
+    P = P[:, None]
+    cc = c[:, None, :, None]
+    mx = s.amax(-1, keepdim=True)
+    mn = s.amin(-1, keepdim=True)
+    s2 = s + P * cc * (mx - s) - (1 - P) * cc * (s - mn)
+    return (s2.softmax(-1) @ vh).transpose(1, 2).reshape(b, lq, inner)
+
+
+def make(b=2, lq=37, lk=53, heads=3, d=8, regions=3, seed=0, dtype=torch.float32, batched=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, heads * d, generator=g) * 2
+    k = torch.randn(b, lk, heads * d, generator=g)
+    v = torch.randn(b, lk, heads * d, generator=g)
+    shape_q = (b, lq, regions) if batched else (lq, regions)
+    shape_k = (b, lk, regions) if batched else (lk, regions)
+    qr = torch.rand(shape_q, generator=g) < 0.4
+    kr = torch.rand(shape_k, generator=g) < 0.4
+    if regions:
+        qr[..., -1] = False                  # an empty region
+        kr[..., -1] = False
+        qr[..., :3, :] = False               # queries in no region -> no positive key
+    c = torch.rand((b, lq) if batched else (lq,), generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype), qr, kr, c
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+@pytest.mark.parametrize("batched", [False, True])
+def test_matches_dense_reference(chunk, batched):
+    q, k, v, qr, kr, c = make(batched=batched)
+    want = dense_reference(q, k, v, 3, qr, kr, c)
+    got = layout_attention(q, k, v, 3, qr, kr, c, chunk_size=chunk)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    q, k, v, qr, kr, c = make(lq=41, lk=29, seed=3)
+    outs = [layout_attention(q, k, v, 3, qr, kr, c, chunk_size=n) for n in (1, 7, 41)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-6, rtol=1e-6)
+
+
+def test_self_attention_shape_single_frame_and_one_query_per_key():
+    # self-attention: queries and keys are the same tokens (F = 1, odd length)
+    q, k, v, qr, _, c = make(b=1, lq=45, lk=45, heads=2, d=16, seed=5)
+    want = dense_reference(q, k, v, 2, qr, qr, c)
+    torch.testing.assert_close(layout_attention(q, k, v, 2, qr, qr, c, chunk_size=4).double(), want,
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_c_equal_one_and_extreme_rows():
+    q, k, v, qr, kr, c = make(seed=7)
+    c[:5] = 1.0                              # temperature 0: the fold must not be used
+    c[5:9] = 0.0
+    want = dense_reference(q, k, v, 3, qr, kr, c)
+    torch.testing.assert_close(layout_attention(q, k, v, 3, qr, kr, c).double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_per_batch_key_layouts_differ():
+    q, k, v, qr, kr, c = make(batched=True, seed=11)
+    kr[1] = ~kr[1]                           # a different key layout in element 1
+    want = dense_reference(q, k, v, 3, qr, kr, c)
+    torch.testing.assert_close(layout_attention(q, k, v, 3, qr, kr, c, chunk_size=5).double(), want,
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_no_regions_is_a_temperature():
+    q, k, v, qr, kr, c = make(regions=0, seed=2)
+    got = layout_attention(q, k, v, 3, qr, kr, c)
+    want = dense_reference(q, k, v, 3, qr, kr, c)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    assert torch.isfinite(got).all()
+
+
+def test_c_zero_is_sdpa():
+    q, k, v, qr, kr, c = make(seed=4)
+    b, lq, inner = q.shape
+    heads, d = 3, inner // 3
+    split = lambda t: t.view(b, -1, heads, d).transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, lq, inner)
+    torch.testing.assert_close(layout_attention(q, k, v, heads, qr, kr, torch.zeros(lq)), sdpa)
+    torch.testing.assert_close(full_attention(q, k, v, heads), sdpa)
+    torch.testing.assert_close(layout_attention(q, k, v, heads, qr, kr, None), sdpa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    q, k, v, qr, kr, c = make(seed=9, dtype=dtype)
+    got = layout_attention(q, k, v, 3, qr, kr, c, chunk_size=7)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    want = dense_reference(q, k, v, 3, qr, kr, c)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_large_logits_no_nan():
+    q, k, v, qr, kr, c = make(seed=6)
+    q = q * 200                               # logits in the thousands
+    got = layout_attention(q, k, v, 3, qr, kr, c)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), dense_reference(q, k, v, 3, qr, kr, c), atol=1e-4, rtol=1e-4)
+
+
+def test_memory_budget_bounds_the_block(monkeypatch):
+    """The only [rows, Lk] scratch comes from _alloc_logits; its size must obey the budget
+    and stay linear in Lk (no [Lq, Lk] matrix for the whole input)."""
+    seen = []
+    real = st_layout._alloc_logits
+    monkeypatch.setattr(st_layout, "_alloc_logits", lambda n, dev: seen.append(n) or real(n, dev))
+    q, k, v, qr, kr, c = make(b=1, lq=64, lk=96, heads=4, d=8, seed=8)
+    budget = 2 * 4 * 96 * 5                   # two fp32 buffers of 5 rows of one head
+    got = layout_attention(q, k, v, 4, qr, kr, c, memory_budget_bytes=budget)
+    torch.testing.assert_close(got.double(), dense_reference(q, k, v, 4, qr, kr, c), atol=2e-5, rtol=2e-5)
+    assert seen and all(2 * 4 * n <= budget * 2 for n in seen)  # each of the 2 buffers: n*4 <= budget/2
+    assert sum(4 * n for n in seen) <= budget
+    for lk in (1000, 10_000, 100_000):
+        for dev in ("cpu", "cuda"):
+            hpb, rows = block_plan(1, 8, lk, dev, memory_budget_bytes=2**20)
+            assert 8 * hpb * rows * lk <= max(2**20, 8 * lk)
+            assert 8 % hpb == 0
+
+
+def test_empty_keys_and_all_zero_c_are_safe():
+    q, k, v, qr, kr, c = make(seed=1)
+    empty = layout_attention(q, k[:, :0], v[:, :0], 3, qr, kr[:0], c)
+    assert torch.equal(empty, torch.zeros_like(q))
