@@ -1,0 +1,125 @@
+"""Turn the API-format workflows (workflows/api/*.json) into UI-format workflows
+(workflows/*.json) with the real ComfyUI frontend, so the UI files are exactly what the
+frontend saves: it loads each API graph (`app.loadApiJson`), lays it out, adds the notes
+below, and serialises it (`app.graph.serialize()`).
+
+    python scripts/build_workflows.py --comfyui PATH [--check]
+
+--check: do not write; fail if a UI workflow differs from what the frontend makes of its
+API twin (used to keep the two in step).
+The host must have this pack installed and a checkpoint named as in the workflows (the
+test models are enough: `scripts/make_test_models.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import comfy_runner  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+# Notes shown on the canvas (UI-only nodes, so they live here and not in the API files).
+NOTES = {
+    "controlnet_canny_edit": (
+        "ControlNet: this workflow uses core Canny as the preprocessor so it runs with core "
+        "nodes only. For depth or pose (what VideoGrain used: depth for most edits, pose for "
+        "people), install a preprocessor pack such as comfyui_controlnet_aux and replace the "
+        "Canny node with its Depth Anything / DWPose node; load the matching SD1.5 ControlNet "
+        "(control_v11f1p_sd15_depth / control_v11p_sd15_openpose). The same conditioning "
+        "(with its ControlNet) feeds the inversion and the edit. Strength 0.5-1.0."),
+    "instance_level_edit": (
+        "Instance-level edit: one region per person plus the background, each with its own "
+        "local prompt. Every local prompt must appear word for word inside the global prompt. "
+        "Region masks: one PNG per frame per region in input/videograin/masks/<region>/ "
+        "(any MASK source works: SAM2, the mask editor, core mask nodes)."),
+    "class_level_edit": (
+        "Class-level edit: one region for all people (the union of their masks) and one for "
+        "the background."),
+    "part_level_edit": (
+        "Part-level edit: the head region is carved out of the left person's region "
+        "(MaskComposite subtract), so the person keeps its identity while the part changes."),
+}
+
+BUILD_JS = """async ([api, name, note]) => {
+    const app = window.app;
+    await app.loadApiJson(api, name);
+    // Seeds stay as written: the examples must reproduce.
+    for (const n of app.graph.nodes) {
+        for (const w of (n.widgets || [])) {
+            if (w.name === 'control_after_generate') w.value = 'fixed';
+        }
+    }
+    if (note) {
+        const n = window.LiteGraph.createNode('Note');
+        n.widgets[0].value = note;
+        let minX = Infinity, minY = Infinity;
+        for (const m of app.graph.nodes) { minX = Math.min(minX, m.pos[0]); minY = Math.min(minY, m.pos[1]); }
+        n.pos = [minX, minY - 220];
+        n.size = [520, 180];
+        app.graph.add(n);
+    }
+    return app.graph.serialize();
+}"""
+
+
+def open_ui(pw, client):
+    browser = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(client.base_url, wait_until="networkidle")
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
+    return browser, page
+
+
+def build(comfy: str, check: bool = False) -> int:
+    from playwright.sync_api import sync_playwright
+    api_files = sorted(glob.glob(os.path.join(REPO, "workflows", "api", "*.json")))
+    if not api_files:
+        print("no workflows/api/*.json", file=sys.stderr)
+        return 2
+    work = tempfile.mkdtemp(prefix="vg-build-")
+    client = comfy_runner.start_server(comfy, work, os.path.join(work, "server.log"),
+                                       os.environ.get("HOST_PYTHON", sys.executable), ("--cpu",))
+    stale = []
+    try:
+        client.post("/settings/Comfy.TutorialCompleted", True)
+        with sync_playwright() as pw:
+            browser, page = open_ui(pw, client)
+            for path in api_files:
+                name = os.path.splitext(os.path.basename(path))[0]
+                with open(path) as f:
+                    api = json.load(f)
+                graph = page.evaluate(BUILD_JS, [api, name, NOTES.get(name)])
+                out = os.path.join(REPO, "workflows", name + ".json")
+                text = json.dumps(graph, indent=2) + "\n"
+                if check:
+                    with open(out) as f:
+                        if json.load(f)["nodes"] != graph["nodes"]:
+                            stale.append(name)
+                else:
+                    with open(out, "w") as f:
+                        f.write(text)
+                    print("wrote", os.path.relpath(out, REPO))
+            browser.close()
+    finally:
+        comfy_runner.stop_server(client)
+    if stale:
+        print("stale UI workflows (rebuild with scripts/build_workflows.py):", ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    raise SystemExit(build(a.comfyui, a.check))
