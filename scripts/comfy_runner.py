@@ -78,6 +78,43 @@ class ComfyClient:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
 
+    def run_with_progress(self, prompt: dict, report, timeout: float = 3600) -> dict:
+        """Like `run`, calling `report(event, data)` for the server's websocket events
+        of this prompt ("executing", "progress", ...) as they arrive."""
+        import asyncio
+        import aiohttp  # the host's own dependency
+
+        async def go():
+            ws_url = self.base_url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(ws_url) as ws:
+                    prompt_id = self.queue(prompt)
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + timeout
+                    while loop.time() < deadline:
+                        try:
+                            msg = await ws.receive(timeout=2)
+                        except asyncio.TimeoutError:
+                            msg = None
+                        if msg is not None and msg.type == aiohttp.WSMsgType.TEXT:
+                            event = json.loads(msg.data)
+                            data = event.get("data") or {}
+                            if data.get("prompt_id") in (None, prompt_id):
+                                report(event.get("type"), data)
+                                if event.get("type") in ("execution_success", "execution_error", "execution_interrupted"):
+                                    break
+                        elif msg is not None and msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+                        if self.proc.poll() is not None:
+                            raise AssertionError("the ComfyUI server died while running the prompt")
+                    return prompt_id
+
+        prompt_id = asyncio.run(go())
+        entry = self.wait(prompt_id, timeout)
+        if entry["status"]["status_str"] != "success":
+            raise ExecutionFailed(entry)
+        return entry
+
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         """Queue, wait, and return the history entry; raises if execution failed."""
         entry = self.wait(self.queue(prompt), timeout)
@@ -115,10 +152,10 @@ class ExecutionFailed(Exception):
 
 
 def start_server(comfy: str, workdir: str, log_path: str, python: str = sys.executable, extra_args=(),
-                 timeout: float = 120, env: dict | None = None) -> ComfyClient:
-    """`python main.py --cpu ...` on a free loopback port, with input/output/temp/user
-    folders under `workdir`; returns once the server answers."""
-    dirs = {k: os.path.join(workdir, k) for k in ("input", "output", "temp", "user")}
+                 timeout: float = 120, env: dict | None = None, dirs: dict | None = None) -> ComfyClient:
+    """`python main.py ...` on a free loopback port, with input/output/temp/user folders
+    under `workdir` (or as given in `dirs`); returns once the server answers."""
+    dirs = {**{k: os.path.join(workdir, k) for k in ("input", "output", "temp", "user")}, **(dirs or {})}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
