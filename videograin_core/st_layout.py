@@ -41,6 +41,7 @@ DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20   # logits + softmax buffers of one bl
 # reductions and the softmax; a few MiB per block measured fastest (2-core EPYC, 32 MiB L3).
 CPU_BLOCK_BYTES = 8 * 2**20
 MIN_CPU_BLOCK_ROWS = 64
+CPU_HEADS_PER_BLOCK = 1   # 0: all heads per block, rows from the budget (as on GPU)
 # Below this |1 - c| the temperature cannot be folded into q (it would erase the logits
 # the row range is read from); such calls scale the logits after the reductions instead.
 _FOLD_EPS = 1e-4
@@ -68,9 +69,11 @@ def block_plan(batch: int, heads: int, key_length: int, device: torch.device | s
     by the budget. `chunk_size` fixes the rows (still capped by the budget).
     """
     row_bytes = 2 * 4 * max(key_length, 1)   # logits + softmax, fp32
-    if torch.device(device).type == "cpu":
-        hpb = 1
-        rows = max(MIN_CPU_BLOCK_ROWS, CPU_BLOCK_BYTES // row_bytes)
+    if torch.device(device).type == "cpu" and CPU_HEADS_PER_BLOCK:
+        hpb = min(heads, CPU_HEADS_PER_BLOCK)
+        while heads % hpb:
+            hpb -= 1
+        rows = max(MIN_CPU_BLOCK_ROWS, CPU_BLOCK_BYTES // (row_bytes * hpb))
     else:
         hpb = heads
         rows = memory_budget_bytes // (row_bytes * heads)
