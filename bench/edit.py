@@ -1,0 +1,200 @@
+"""End-to-end benchmark: the instance-level edit of the sample clip on the FULL-SIZE random
+SD1.5 checkpoint (UNet, CLIP-L and KL VAE of the real sizes) at a small fixed resolution.
+
+    python bench/edit.py [--frames 8 16 32] [--size 64] [--steps 10] [--long 64]
+
+For every frame count, each variant runs in a fresh process (so peak RSS is its own) that
+imports the host in-process and executes the API workflow with the host's executor:
+  (a) unpatched model: ordinary per-frame attention
+  (b) full-frame attention, no modulation (ST-Layout Patch with both strengths 0)
+  (c) the full ST-Layout patch (defaults), inversion cache empty
+  (d) a second edit of the same clip with NEW prompts (c's cache filled): inversion hits
+Timed: the pack's heavy nodes (DDIM Invert, Sample, Decode), wall clock, summed; peak RSS
+of the process (VmHWM) and its growth above the RSS after the models were loaded.
+Ratios are within one run on one machine; absolute times are machine-dependent.
+--long F: also one (c) run at F frames, compared with what linear growth from the
+smallest F predicts for its memory above the model baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TIMED_NODES = ("VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
+
+
+def rss_hwm_kib() -> tuple[int, int]:
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                k, v = line.split(":")
+                vals[k] = int(v.split()[0])
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) -> dict:
+    with open(os.path.join(REPO, "workflows", "api", "instance_level_edit.json")) as f:
+        prompt = json.load(f)
+    for node in prompt.values():
+        t, inp = node["class_type"], node["inputs"]
+        if t == "CheckpointLoaderSimple":
+            inp["ckpt_name"] = ckpt
+        elif t == "VideoGrainVideoLoader":
+            inp.update(frame_load_cap=frames, size=size)
+        elif t == "VideoGrainDDIMInvert":
+            inp["steps"] = steps
+        elif t == "VideoGrainSTLayoutPatch" and variant == "b":
+            inp.update(self_strength=0.0, cross_strength=0.0)
+        elif t == "VideoGrainLayoutConditioning" and variant == "d":
+            # a new edit of the same clip: other local prompts, same source
+            inp["global_prompt"] = "Batman and Superman walking along a snowy street"
+        elif t == "VideoGrainLocalPrompt" and variant == "d":
+            inp["local_prompt"] = {"Iron Man": "Batman", "Spider-Man": "Superman"}.get(inp["local_prompt"], inp["local_prompt"])
+    if variant == "a":
+        # unpatched: the invert and sample nodes take the checkpoint's model directly
+        for node in prompt.values():
+            if node["class_type"] in ("VideoGrainDDIMInvert", "VideoGrainSample"):
+                node["inputs"]["model"] = ["1", 0]
+        prompt = {k: v for k, v in prompt.items() if v["class_type"] != "VideoGrainSTLayoutPatch"}
+    return prompt
+
+
+def child(a) -> None:
+    """One measurement in this (fresh) process; prints one JSON line."""
+    sys.path.insert(0, a.comfyui)
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = True
+    import asyncio
+    import uuid
+    import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)
+    import server  # noqa: F401
+    import folder_paths
+    import nodes
+    import execution
+    for kind, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
+                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
+        d = os.path.join(a.workdir, kind)
+        os.makedirs(d, exist_ok=True)
+        setter(d)
+    import shutil
+    shutil.copyfile(os.path.join(REPO, "example_data", "vtest_two_people.mp4"), os.path.join(a.workdir, "input", "vtest_two_people.mp4"))
+    shutil.copytree(os.path.join(REPO, "example_data", "masks"), os.path.join(a.workdir, "input", "vtest_two_people_masks"), dirs_exist_ok=True)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+    timings = {}
+    for name in TIMED_NODES:
+        cls = nodes.NODE_CLASS_MAPPINGS[name]
+        orig = cls.__dict__["execute"].__func__
+
+        def timed(c, *args, __orig=orig, __name=name, **kw):
+            t0 = time.perf_counter()
+            try:
+                return __orig(c, *args, **kw)
+            finally:
+                timings[__name] = timings.get(__name, 0.0) + time.perf_counter() - t0
+        cls.execute = classmethod(timed)
+
+    # Load the models once outside the timed part, to know the baseline RSS.
+    import comfy.sd
+    comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path("checkpoints", a.ckpt))
+    import gc
+    gc.collect()
+    base_rss, _ = rss_hwm_kib()
+
+    class _Srv:
+        client_id = None
+        last_node_id = None
+        def send_sync(self, *x, **k):
+            pass
+    prompt = build_prompt(a.variant, a.frames, a.size, a.steps, a.ckpt)
+    ex = execution.PromptExecutor(_Srv(), cache_args={"lru": 0, "ram": 0})
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    if not valid[0]:
+        raise SystemExit(f"invalid prompt: {valid[1]} {valid[3]}")
+    t0 = time.perf_counter()
+    ex.execute(prompt, str(uuid.uuid4()), {}, valid[2])
+    wall = time.perf_counter() - t0
+    if not ex.success:
+        raise SystemExit(f"execution failed: {json.dumps(ex.status_messages)[-3000:]}")
+    _, hwm = rss_hwm_kib()
+    print("RESULT " + json.dumps({"variant": a.variant, "frames": a.frames, "timed_s": sum(timings.values()),
+                                  "nodes_s": timings, "wall_s": wall, "peak_rss_mib": hwm / 1024,
+                                  "base_rss_mib": base_rss / 1024}), flush=True)
+
+
+def measure(a, variant: str, frames: int, workdir: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--frames", str(frames), "--size", str(a.size),
+           "--steps", str(a.steps), "--comfyui", a.comfyui, "--workdir", workdir, "--ckpt", a.ckpt]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise SystemExit(f"measurement {variant} F={frames} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--size", type=int, default=64, help="short side in pixels")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--long", type=int, default=0, help="also run (c) at this many frames")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.comfyui = os.path.abspath(a.comfyui)
+    if a.child:
+        return child(a)
+
+    sys.path.insert(0, a.comfyui)
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = True
+    import make_test_models
+    print("writing/reusing the full-size random SD1.5 checkpoint ...", flush=True)
+    make_test_models.write_model(os.path.join(a.comfyui, "models"), "full")
+    print(f"instance-level edit, full-size random SD1.5, short side {a.size}px, {a.steps} DDIM steps, CPU "
+          f"({os.cpu_count()} cores); each cell a fresh process\n", flush=True)
+    res = {}
+    for f in a.frames:
+        with tempfile.TemporaryDirectory(prefix="vg-bench-") as wd:
+            for v in ("a", "b", "c", "d"):
+                r = measure(a, v, f, wd)  # c then d share the work dir: d hits c's cache
+                res[(v, f)] = r
+                print(f"  F={f:3d} ({v}) {r['timed_s']:8.2f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB  "
+                      f"(+{r['peak_rss_mib'] - r['base_rss_mib']:.0f} over models)  {json.dumps({k: round(x, 2) for k, x in r['nodes_s'].items()})}",
+                      flush=True)
+    print()
+    print("| frames | (a) per-frame | (b) full-frame | (c) ST-Layout | (d) cached inversion | (c)/(b) time | (d)/(c) time | (c) peak RSS | (c) RSS over models |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for f in a.frames:
+        t = {v: res[(v, f)]["timed_s"] for v in "abcd"}
+        c = res[("c", f)]
+        print(f"| {f} | {t['a']:.1f} s | {t['b']:.1f} s | {t['c']:.1f} s | {t['d']:.1f} s | {t['c'] / t['b']:.2f} | "
+              f"{t['d'] / t['c']:.2f} | {c['peak_rss_mib']:.0f} MiB | {c['peak_rss_mib'] - c['base_rss_mib']:.0f} MiB |")
+    f0, f1 = min(a.frames), max(a.frames)
+    c0, c1 = res[("c", f0)], res[("c", f1)]
+    print(f"\n(c) peak RSS growth F={f0} -> F={f1}: {c1['peak_rss_mib'] / c0['peak_rss_mib']:.2f}x total, "
+          f"{(c1['peak_rss_mib'] - c1['base_rss_mib']) / max(1e-9, c0['peak_rss_mib'] - c0['base_rss_mib']):.2f}x above the models "
+          f"(frames grew {f1 / f0:.1f}x; linear is <= {f1 / f0 * 1.1:.1f}x)")
+    if a.long:
+        with tempfile.TemporaryDirectory(prefix="vg-bench-") as wd:
+            r = measure(a, "c", a.long, wd)
+        over0 = c0["peak_rss_mib"] - c0["base_rss_mib"]
+        predicted = r["base_rss_mib"] + over0 * a.long / f0
+        print(f"\nlong clip: F={a.long} (c) {r['timed_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB; linear growth from "
+              f"F={f0} predicts {predicted:.0f} MiB -> {r['peak_rss_mib'] / predicted:.2f}x of the prediction (target <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
