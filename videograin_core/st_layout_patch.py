@@ -123,6 +123,7 @@ class STLayoutRuntime:
         self._text: dict = {}
         self._steps: dict = {}
         self._masks: dict = {}
+        self._last_schedule = (object(), None)
 
     # ------------------------------------------------------------ checks
     def check_latent(self, latent_shape) -> None:
@@ -145,8 +146,10 @@ class STLayoutRuntime:
                              f"give one mask per frame (or a single mask for all frames)")
 
     def check_positive(self, token_count: int) -> None:
+        """The positive as wired (before the sampler batches it) must be the conditioning
+        the spans were computed in: anything concatenated to it would shift or repeat them."""
         L = self.layout.token_count
-        if L and token_count % L:
+        if L and token_count != L:
             raise ValueError(f"positive: the positive conditioning has {token_count} tokens but the layout was "
                              f"encoded for {L}: wire VideoGrain Layout Conditioning's positive output (unaltered) as "
                              f"the positive, from the same prompt as the layout")
@@ -197,11 +200,16 @@ class STLayoutRuntime:
         if sigmas is None:
             return 0.0
         sigma = torch.as_tensor(sigmas).flatten()[0].float()
-        key = float(sigma)
+        schedule = extra_options.get("sample_sigmas")
+        # The same sigma can sit at different step indices in different schedules, so the
+        # cache key includes the schedule (converted once per schedule object, not per layer).
+        if schedule is not self._last_schedule[0]:
+            sched_key = None if schedule is None else tuple(torch.as_tensor(schedule).flatten().float().tolist())
+            self._last_schedule = (schedule, sched_key)
+        key = (float(sigma), self._last_schedule[1])
         w = self._steps.get(key)
         if w is not None:
             return w
-        schedule = extra_options.get("sample_sigmas")
         active = False
         if schedule is not None:
             sched = torch.as_tensor(schedule).flatten().float().cpu()
