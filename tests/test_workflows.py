@@ -1,0 +1,116 @@
+"""Every example workflow runs through the real server with the small test models and
+writes videos with the expected frame count and size; the host offers them as the pack's
+templates; the demo command's code path runs end to end."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import av
+import pytest
+from vg_testlib import REPO, comfyui_path, copy_to_input
+
+API_DIR = os.path.join(REPO, "workflows", "api")
+WORKFLOWS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(API_DIR, "*.json")))
+FRAMES, SIZE, STEPS = 3, 64, 2
+
+
+def _video_facts(path):
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        frames = sum(1 for _ in c.decode(s))
+        return frames, s.codec_context.width, s.codec_context.height, float(s.average_rate)
+
+
+def _expected_size():
+    """The loader's output size for the sample clip at SIZE (short side), centre crop to /8."""
+    _, w, h, _ = _video_facts(os.path.join(REPO, "example_data", "vtest_two_people.mp4"))
+    scale = SIZE / min(w, h)
+    rw, rh = round(w * scale), round(h * scale)
+    return rw // 8 * 8, rh // 8 * 8
+
+
+def _for_test(prompt: dict, test_models) -> dict:
+    for node in prompt.values():
+        t, inp = node["class_type"], node["inputs"]
+        if t == "CheckpointLoaderSimple":
+            inp["ckpt_name"] = test_models.small_name
+        elif t == "ControlNetLoader":
+            inp["control_net_name"] = test_models.small_cnet_name
+        elif t == "VideoGrainVideoLoader":
+            inp.update(frame_load_cap=FRAMES, size=SIZE)
+        elif t == "VideoGrainDDIMInvert":
+            inp["steps"] = STEPS
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def sample_inputs(comfy_server):
+    copy_to_input(comfy_server, os.path.join(REPO, "example_data", "vtest_two_people.mp4"))
+    copy_to_input(comfy_server, os.path.join(REPO, "example_data", "masks"), "vtest_two_people_masks")
+
+
+def test_workflow_set_is_complete():
+    assert {"instance_level_edit", "class_level_edit", "part_level_edit", "controlnet_canny_edit"} <= set(WORKFLOWS)
+    for name in WORKFLOWS:
+        ui_path = os.path.join(REPO, "workflows", name + ".json")
+        assert os.path.isfile(ui_path), f"{name}: no UI-format twin (scripts/build_workflows.py)"
+        with open(ui_path) as f:
+            ui = json.load(f)
+        with open(os.path.join(API_DIR, name + ".json")) as f:
+            api = json.load(f)
+        ui_nodes = {str(n["id"]): n["type"] for n in ui["nodes"] if n["type"] != "Note"}
+        assert ui_nodes == {k: v["class_type"] for k, v in api.items()}
+        types = set(ui_nodes.values())
+        allowed_core = {"CheckpointLoaderSimple", "CLIPTextEncode", "MaskComposite", "Canny", "ControlNetLoader",
+                        "ControlNetApplyAdvanced"}
+        assert all(t.startswith("VideoGrain") or t in allowed_core for t in types), types
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_runs_through_the_server(name, comfy_server, test_models, sample_inputs):
+    with open(os.path.join(API_DIR, name + ".json")) as f:
+        prompt = _for_test(json.load(f), test_models)
+    entry = comfy_server.run(prompt, timeout=900)
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == "VideoGrainSaveVideo")
+    files = entry["outputs"][save_id]
+    items = [i for v in files.values() if isinstance(v, list) for i in v if isinstance(i, dict) and "filename" in i]
+    paths = [os.path.join(comfy_server.output_dir, i.get("subfolder", ""), i["filename"]) for i in items]
+    assert len(paths) == 2, files  # the edit and the side-by-side comparison
+    w, h = _expected_size()
+    facts = sorted(_video_facts(p) for p in paths)
+    (n1, w1, h1, fps1), (n2, w2, h2, fps2) = facts
+    assert n1 == n2 == FRAMES
+    assert (w1, h1) == (w, h) and (w2, h2) == (2 * w, h)
+    _, _, _, src_fps = _video_facts(os.path.join(REPO, "example_data", "vtest_two_people.mp4"))
+    assert abs(fps1 - src_fps) < 0.01 and abs(fps2 - src_fps) < 0.01
+
+
+def test_host_offers_the_workflows_as_templates(comfy_server):
+    listed = comfy_server.get("/workflow_templates")
+    mine = [k for k in listed if k.startswith("ComfyUI-VideoGrain")]
+    assert mine, listed
+    assert set(WORKFLOWS) <= set(listed[mine[0]])
+    for name in WORKFLOWS:
+        served = comfy_server.get(f"/api/workflow_templates/{mine[0]}/{name}.json")
+        with open(os.path.join(REPO, "workflows", name + ".json")) as f:
+            assert served == json.load(f)
+
+
+def test_demo_command_runs_end_to_end(tmp_path, test_models):
+    out = tmp_path / "output"
+    env = dict(os.environ, COMFYUI_PATH=comfyui_path())
+    p = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--frames", str(FRAMES),
+                        "--size", str(SIZE), "--steps", str(STEPS), "--output", str(out), "--cpu"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "RANDOMLY INITIALISED" in p.stdout  # the loud warning when no checkpoint is named
+    assert "running VideoGrainSample" in p.stdout and "step " in p.stdout  # progress as it goes
+    videos = sorted(glob.glob(str(out / "videograin" / "*.mp4")))
+    assert len(videos) == 2, p.stdout[-3000:]
+    for v in videos:
+        assert f"wrote {v}" in p.stdout or os.path.relpath(v) in p.stdout
+        assert _video_facts(v)[0] == FRAMES
