@@ -8,6 +8,7 @@ import re
 
 from comfy_api.latest import io
 
+from ..videograin_core.st_layout import layout_attention
 from ..videograin_core.st_layout_patch import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
 
 LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")
@@ -96,7 +97,6 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
                 end_percent=0.3, self_branch="uncond", size_term="reference",
                 modulate_full_resolution=False) -> io.NodeOutput:
         import comfy.patcher_extension
-        from ..videograin_core.st_layout import layout_attention
 
         blocks = _check_sd15(model)
         options = PatchOptions(full_frame_attention=bool(full_frame_attention), self_strength=float(self_strength),

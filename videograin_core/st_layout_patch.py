@@ -16,7 +16,8 @@ What a call does
   span); every other chunk goes to the host's (or the chained) attention untouched.
 
 Everything that depends only on the run (masks at each token grid, region membership,
-size terms, text-token membership, treg per sigma) is computed once and cached.
+size terms, text-token membership: region_layout.RegionLayout; treg and the step window
+per sigma) is computed once and cached.
 """
 from __future__ import annotations
 
@@ -25,12 +26,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .layout import Layout
+from .region_layout import SIZE_TERMS, RegionLayout, treg
 
 SELF_BRANCHES = {"uncond": (1,), "cond": (0,), "both": (0, 1)}
-SIZE_TERMS = ("reference", "paper")
 
 # Attention the host would run: fn(q, k, v, extra_options) -> [B, Lq, heads*d].
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -59,11 +59,6 @@ class PatchOptions:
                                  f"row maximum), got {getattr(self, name)}")
 
 
-def treg(t: float) -> float:
-    """Timestep weight ((t - 1) / 1000) ** 5: strong early, fades out."""
-    return ((float(t) - 1.0) / 1000.0) ** 5
-
-
 def grid_level(activations_shape, original_shape) -> int | None:
     """How many times the token grid was halved from the latent (0 = full resolution)."""
     if not activations_shape or not original_shape or len(activations_shape) < 4 or len(original_shape) < 4:
@@ -75,33 +70,19 @@ def grid_level(activations_shape, original_shape) -> int | None:
     return max(0, round(math.log2(H / h)))
 
 
-class _GridTerms:
-    """Region membership and size terms at one token grid for one frame count."""
+class _Terms:
+    """What one modulated layer call needs at one token grid, derived once per run from
+    region_layout's GridLayout."""
 
-    def __init__(self, masks: torch.Tensor, h: int, w: int, options: PatchOptions):
-        # masks: bool [F, S, H, W] at frame resolution
-        f, s = masks.shape[:2]
-        hw = h * w
-        small = F.interpolate(masks.float(), size=(h, w), mode="nearest-exact") > 0.5  # [F, S, h, w]
-        frame_regions = small.flatten(2).transpose(1, 2).contiguous()  # [F, hw, S]
-        self.frame_regions = frame_regions
-        # Full-frame self-attention: queries and keys are all frames' tokens.
-        self.clip_regions = frame_regions.reshape(f * hw, s)
-        # Positive-key counts go through the distinct region signatures (a handful) instead
-        # of a token x token matrix, which would be (F*hw)^2.
-        sig, inverse = torch.unique(self.clip_regions, dim=0, return_inverse=True)
-        nsig = sig.shape[0]
-        share = ((sig.float() @ sig.float().T) > 0).float()           # [nsig, nsig]
-        per_frame = torch.bincount(inverse + nsig * torch.arange(f).repeat_interleave(hw),
-                                   minlength=f * nsig).reshape(f, nsig).float()
-        npos_frame = (per_frame @ share.T).gather(1, inverse.reshape(f, hw))  # [F, hw]: same-frame keys
-        npos_clip = (share @ per_frame.sum(0))[inverse]                        # [F*hw]: all frames' keys
+    def __init__(self, g, options: PatchOptions):
         ref = options.size_term == "reference"
-        # Paper: 1 - |positive keys| / |keys|. Reference: divides by F times more.
-        self.self_size_clip = 1.0 - npos_clip / (f * hw * (f if ref else 1))
-        self.self_size_frame = 1.0 - npos_frame / (hw * (f if ref else 1))
-        # Cross-attention size: share of the frame's pixels in the query pixel's region(s).
-        self.cross_size = 1.0 - npos_frame / hw
+        self.frame_regions = g.frame_regions                       # bool [F, hw, S]
+        self.clip_regions = g.clip_regions                         # bool [F*hw, S]
+        self.self_size_clip = g.self_size(options.size_term)       # [F*hw]
+        # Per-frame self-attention (full-frame attention off): the keys are the frame's own
+        # tokens; the reference's extra factor F is kept so that the variants stay comparable.
+        self.self_size_frame = 1.0 - g.frame_positive_counts.float() / (g.tokens * (g.frames if ref else 1))
+        self.cross_size = g.cross_size                             # [F, hw]
 
 
 class STLayoutRuntime:
@@ -120,9 +101,8 @@ class STLayoutRuntime:
         self.timestep_fn = timestep_fn
         self.layout_attention = layout_attention
         self._grids: dict = {}
-        self._text: dict = {}
         self._steps: dict = {}
-        self._masks: dict = {}
+        self._by_frames: dict = {}
         self._last_schedule = (object(), None)
 
     # ------------------------------------------------------------ checks
@@ -155,44 +135,29 @@ class STLayoutRuntime:
                              f"the positive, from the same prompt as the layout")
 
     # ------------------------------------------------------------ cached per-run terms
-    def _frame_masks(self, frames: int) -> torch.Tensor:
-        m = self._masks.get(frames)
-        if m is None:
+    def _regions(self, frames: int) -> RegionLayout:
+        r = self._by_frames.get(frames)
+        if r is None:
             self.check_frames(frames)
-            m = self._masks[frames] = self.layout.masks(frames)
-        return m
+            r = self._by_frames[frames] = RegionLayout.from_layout(self.layout, frames)
+        return r
 
-    def grid(self, h: int, w: int, frames: int, device) -> _GridTerms:
+    def grid(self, h: int, w: int, frames: int, device) -> _Terms:
         key = (h, w, frames, str(device))
-        g = self._grids.get(key)
-        if g is None:
-            g = _GridTerms(self._frame_masks(frames), h, w, self.options)
-            for name in ("frame_regions", "clip_regions", "self_size_clip", "self_size_frame", "cross_size"):
-                setattr(g, name, getattr(g, name).to(device))
-            self._grids[key] = g
-        return g
+        t = self._grids.get(key)
+        if t is None:
+            t = self._grids[key] = _Terms(self._regions(frames).grid(h, w, device), self.options)
+        return t
 
     def text_regions(self, lk: int, device) -> torch.Tensor:
-        """bool [Lk, S]: key token p belongs to region s iff p % L_pos lies in s's span. The
-        sampler repeats a shorter conditioning to batch it with a longer one, so key p of
-        the positive chunk is its token p % L_pos."""
-        key = (lk, str(device))
-        t = self._text.get(key)
-        if t is None:
-            L = self.layout.token_count or lk
-            if lk % L:
-                raise ValueError(f"positive: cross-attention got {lk} text tokens, not a multiple of the {L} tokens "
-                                 f"the layout was encoded for: use VideoGrain Layout Conditioning's positive output "
-                                 f"unaltered as the positive conditioning")
-            pos = torch.arange(lk) % L
-            cols = []
-            for span in self.layout.spans:
-                if span is None:
-                    cols.append(torch.zeros(lk, dtype=torch.bool))
-                else:
-                    cols.append((pos >= span[0]) & (pos < span[1]))
-            t = self._text[key] = torch.stack(cols, dim=1).to(device)
-        return t
+        """bool [Lk, S] membership of the text keys (region_layout: p % token_count)."""
+        L = self.layout.token_count or lk
+        if lk % L:
+            raise ValueError(f"positive: cross-attention got {lk} text tokens, not a multiple of the {L} tokens "
+                             f"the layout was encoded for: use VideoGrain Layout Conditioning's positive output "
+                             f"unaltered as the positive conditioning")
+        # The membership depends on the spans only, not on the frame count.
+        return self._regions(self.layout.frame_count or 1).text_regions(lk, device)
 
     def step_weight(self, extra_options: dict) -> float:
         """treg(t) while the step is within end_percent of the schedule, else 0."""
