@@ -224,8 +224,9 @@ class STLayoutRuntime:
             grid = self.layer_modulated(extra_options) if opts.self_strength > 0 else None
             weight = self._modulation_weight(extra_options) if grid is not None else 0.0
             mod_chunks = [i for i, b in enumerate(cu) if b in SELF_BRANCHES[opts.self_branch]] if weight > 0 else []
-            if grid is not None and grid[0] * grid[1] != lq:
-                mod_chunks = []  # a token count that is not the grid (some other patch reshaped it): leave it
+            if grid is not None and (grid[0] * grid[1] != lq or k.shape[1] != lq):
+                # token counts that are not the grid (another patch changed q or the context): leave it
+                mod_chunks = []
 
             if opts.full_frame_attention and frames > 1:
                 # chunk-major batch: rows chunk*F .. chunk*F+F-1 are one chunk's frames
@@ -235,6 +236,8 @@ class STLayoutRuntime:
             else:
                 q2, k2, v2 = q, k, v
             if not mod_chunks:
+                # A chained replace gets the regrouped [chunks, F*hw, C] tensors: it stays the
+                # attention kernel, full-frame attention is this patch's own doing.
                 out = inner(q2, k2, v2, extra_options)
                 return out.reshape(q.shape[0], lq, -1)
 
