@@ -4,7 +4,7 @@ Full space-time self-attention over F frames of 32x32 tokens (Lq = Lk = F*1024),
 8 heads of 80 dims, 2 regions + background, c = 0.3 * treg(981) * size (reference
 size term): the self-attention defaults at the first step.
 
-    python bench/attention.py [--frames 4 8 16 32] [--repeats 3] [--dense-limit-gb 8]
+    python bench/attention.py [--frames 4 8 16 32] [--repeats 3] [--dense-limit-gb 8] [--threads N]
 
 Methods
 - layout: videograin_core.st_layout.layout_attention (chunked, memory linear in F);
@@ -45,6 +45,7 @@ from videograin_core.region_layout import RegionLayout, treg  # noqa: E402
 from videograin_core.st_layout import layout_attention  # noqa: E402
 
 HEADS, DIM, GRID = 8, 80, 32
+LOAD_AT_START = os.getloadavg()
 GiB, MiB = 2**30, 2**20
 
 
@@ -127,7 +128,8 @@ def measure_memory_child(method: str, frames: int) -> None:
 
 
 def memory_of(method: str, frames: int) -> int:
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method, str(frames)],
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method, str(frames),
+                          "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True)
     info = json.loads(res.stdout.strip().splitlines()[-1])
     if not info["finite"]:
@@ -149,8 +151,14 @@ def main() -> None:
     ap.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-limit-gb", type=float, default=8.0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads for every method (0: torch's default). On a machine "
+                         "shared with other busy processes, 1 avoids the thread-barrier stalls that make "
+                         "any many-kernel method look slower than a single fused kernel")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         measure_memory_child(args.child[0], int(args.child[1]))
         return
@@ -197,6 +205,7 @@ def main() -> None:
               f"(linear = 4x, quadratic = 16x)")
     print("~ = against the dense reference's computed need (2 fp32 [heads, L, L] + bool [L, L]), "
           "where running it would exceed the limit")
+    print(f"load average at the start: {', '.join(f'{x:.2f}' for x in LOAD_AT_START)}")
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (2-core machine)")
 
 

@@ -40,7 +40,7 @@ DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20   # logits + softmax buffers of one bl
 # On CPU a block's logits should stay in the last-level cache between the matmul, the
 # reductions and the softmax; a few MiB per block measured fastest (2-core EPYC, 32 MiB L3).
 CPU_BLOCK_BYTES = 8 * 2**20
-MIN_CPU_BLOCK_ROWS = 64
+MIN_CPU_BLOCK_ROWS = 32
 CPU_HEADS_PER_BLOCK = 1   # 0: all heads per block, rows from the budget (as on GPU)
 # Below this |1 - c| the temperature cannot be folded into q (it would erase the logits
 # the row range is read from); such calls scale the logits after the reductions instead.
@@ -173,7 +173,8 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
                            chunk_size=chunk_size)
     logits_buf = _alloc_logits(hpb * rows * lk, q.device)
     probs_buf = _alloc_logits(hpb * rows * lk, q.device)
-    out = torch.empty(b, heads, lq, d, dtype=q.dtype, device=q.device)
+    # written in the host's [B, Lq, heads, d] order, so the result needs no final copy
+    out = torch.empty(b, lq, heads, d, dtype=q.dtype, device=q.device)
     qh = q.view(b, lq, heads, d).transpose(1, 2)                        # [B, heads, Lq, d] view
 
     for bi in range(b):
@@ -206,8 +207,8 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
                 p = probs_buf[:hpb * n * lk].view(hpb, n, lk)
                 torch.softmax(s, dim=-1, out=p)
                 o = torch.bmm(p, vf[bi, h0:h1])
-                out[bi, h0:h1, r0:r1] = o
-    return out.transpose(1, 2).reshape(b, lq, inner)
+                out[bi, r0:r1, h0:h1] = o.transpose(0, 1)
+    return out.view(b, lq, inner)
 
 
 def _alloc_logits(numel: int, device) -> torch.Tensor:
