@@ -183,8 +183,9 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         trajectory: list[torch.Tensor] = []
         out = run_sampler(m, ddim.sample_ddim_inversion, {"trajectory": trajectory}, sigmas, conditioning,
                           negative if guided else conditioning, cfg, samples)
+        # ddim_uniform may give one step more than asked (1000 // steps spacing): record what ran.
         inv = ddim.Inversion(latent=out.detach().to("cpu", torch.float32), trajectory=torch.stack(trajectory),
-                             sigmas=sigmas.float(), steps=steps, source=samples)
+                             sigmas=sigmas.float(), steps=len(sigmas) - 1, source=samples)
         if use_cache:
             try:
                 cache.save(key, inv)

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..videograin_core import ddim
-from .ddim_invert import Inversion, ddim_sigmas, run_sampler
+from .ddim_invert import Inversion, run_sampler
 
 Layout = io.Custom("VIDEOGRAIN_LAYOUT")
 
@@ -16,8 +16,11 @@ BLEND_OFF = "off"
 
 
 def _check_schedule(model, inv) -> None:
-    want = ddim_sigmas(model, inv.steps).flip(0)
-    if want.shape != inv.sigmas.shape or not torch.allclose(want.float(), inv.sigmas.float(), rtol=1e-4, atol=1e-6):
+    """Every sigma of the inversion must be one of this model's (same noise schedule)."""
+    table = model.get_model_object("model_sampling").sigmas.detach().float().cpu()
+    s = inv.sigmas[1:].float()
+    rel = ((table[None, :] - s[:, None]).abs() / s[:, None]).min(dim=1).values
+    if s.numel() == 0 or bool((rel > 1e-4).any()):
         raise ValueError("the inversion was made with a model whose noise schedule differs from this model's: "
                          "invert with the same checkpoint you sample with")
 

@@ -12,6 +12,7 @@ Models (`--which`):
                the top three levels and in the middle block: token grids 1, 1/2, 1/4, 1/8 of
                the latent), full CLIP-L, TAESD-style VAE. Fast on CPU.
   small_cnet   SD1.5-format ControlNet matching `small`.
+  small_smooth `small` with the UNet output conv scaled by 0.05 (smooth eps, for inversion checks).
   full         the full SD1.5 UNet, CLIP-L and the full KL VAE (for benchmarks; ~2 GiB).
 
 Deterministic: every tensor is drawn from a generator seeded by (seed, tensor name), so
@@ -49,6 +50,11 @@ MODELS = {
     "small": dict(file=("checkpoints", "videograin_test_small.safetensors"), unet=SMALL_UNET, vae="taesd"),
     "small_cnet": dict(file=("controlnet", "videograin_test_small_controlnet.safetensors"), cnet=SMALL_UNET),
     "full": dict(file=("checkpoints", "videograin_test_sd15_full.safetensors"), unet=SD15_UNET, vae="kl"),
+    # `small` with the UNet's output conv scaled down: the noise prediction becomes a small,
+    # smooth function of x, so DDIM inversion + sampling must reconstruct the input and
+    # converge as steps grow (the plain random UNet is too rough for that check).
+    "small_smooth": dict(file=("checkpoints", "videograin_test_small_smooth.safetensors"), unet=SMALL_UNET,
+                         vae="taesd", scale={"model.diffusion_model.out.2.weight": 0.05}),
 }
 
 
@@ -163,6 +169,8 @@ def write_model(models_dir: str, which: str, seed: int = 0) -> str:
         sd.update(_vae_sd(spec["vae"], seed))
     if "cnet" in spec:
         sd.update(_cnet_sd(spec["cnet"], seed))
+    for name, factor in spec.get("scale", {}).items():
+        sd[name] = (sd[name].float() * factor).to(sd[name].dtype)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".partial"
     save_file(sd, tmp, metadata={"videograin_test_recipe": want,

@@ -59,8 +59,8 @@ def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset())
         return f"<deep {type(obj).__qualname__}>"
     if hook is not None:
         d = hook(obj)
-        if d is not None:
-            return d
+        if d is not None:  # a host object described by plain parts: fingerprint those
+            return fingerprint(d, hook=hook, _depth=_depth + 1, _seen=_seen | {id(obj)})
     if isinstance(obj, torch.Tensor):
         return {"tensor": tensor_digest(obj)}
     if isinstance(obj, np.ndarray):

@@ -1,0 +1,331 @@
+"""DDIM Invert and Sample through the host's sampling machinery (in-process host).
+
+Reconstruction is checked with the `small_smooth` test model (scripts/make_test_models.py:
+`small` with the UNet's output conv scaled by 0.05, so eps is a small, smooth function of
+x) on a latent of realistic scale (std ~5 in LATENT space, like real SD1.5 latents). The
+random TAESD's latents are ~20x smaller, and at that scale the random UNet's GroupNorms
+make eps too rough in x for a meaningful check. The pure math is also checked with an
+analytic eps through the same host machinery.
+"""
+from __future__ import annotations
+
+import os
+from importlib import import_module
+
+import pytest
+import torch
+from vg_testlib import load_script
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is as fast, and far faster when the 2 cores are shared
+    (idle OpenMP threads spin)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_host):
+    name = comfy_host.pack.__name__
+    return type("Pack", (), {
+        "invert": import_module(name + ".nodes.ddim_invert"),
+        "sample": import_module(name + ".nodes.sample"),
+        "layout": import_module(name + ".videograin_core.layout"),
+        "cache": import_module(name + ".videograin_core.inversion_cache"),
+    })
+
+
+@pytest.fixture(scope="module")
+def smooth(comfy_host):
+    import comfy.sd
+    maker = load_script("make_test_models")
+    path = maker.write_model(os.path.join(comfy_host.path, "models"), "small_smooth")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
+    empty = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    other = [[clip.encode_from_tokens(clip.tokenize("a red fox")), {}]]
+    return type("M", (), {"model": model, "clip": clip, "vae": vae, "empty": empty, "other": other, "path": path})
+
+
+@pytest.fixture()
+def cache_dir(pack, tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setattr(pack.invert, "cache_folder", lambda: str(d))
+    return d
+
+
+def _latent(frames=2, hw=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(frames, 4, 3, 3, generator=g)
+    return torch.nn.functional.interpolate(low, size=(hw, hw), mode="bilinear", align_corners=False) * 5
+
+
+def invert(pack, m, latent, steps, cond=None, use_cache=False, **kw):
+    out = pack.invert.VideoGrainDDIMInvert.execute(model=kw.pop("model", m.model), conditioning=cond or m.empty,
+                                                    steps=steps, cfg=kw.pop("cfg", 1.0), use_cache=use_cache,
+                                                    latent={"samples": latent}, **kw)
+    return out.args[0]["samples"], out.args[1]
+
+
+def sample(pack, m, inv, cfg=1.0, pos=None, neg=None, **kw):
+    out = pack.sample.VideoGrainSample.execute(model=kw.pop("model", m.model), positive=pos or m.empty,
+                                               negative=neg or m.empty, inversion=inv, cfg=cfg, **kw)
+    return out.args[0]["samples"]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().mean() / b.abs().mean()).item()
+
+
+class CallCounter:
+    """Counts UNet calls by wrapping the BaseModel's apply_model."""
+    def __init__(self, model, monkeypatch):
+        self.n = 0
+        inner = model.model
+        orig = inner.apply_model
+
+        def counted(*a, **k):
+            self.n += 1
+            return orig(*a, **k)
+        monkeypatch.setattr(inner, "apply_model", counted)
+
+
+# ---------------------------------------------------------------- the math
+def test_inversion_converges_with_analytic_eps(pack, smooth, monkeypatch):
+    """eps(x) = smooth analytic function of the UNet input: reconstruction error ~ 1/steps."""
+    dm = smooth.model.model.diffusion_model
+    monkeypatch.setattr(dm, "forward", lambda x, timesteps=None, context=None, **k:
+                        0.8 * torch.tanh(1.5 * x) + 0.2 * torch.sin(x.flip(-1)) + 1e-3 * timesteps.view(-1, 1, 1, 1))
+    lat = _latent()
+    errs = []
+    for steps in (10, 20, 50):
+        inv_lat, inv = invert(pack, smooth, lat, steps)
+        errs.append(rel_err(sample(pack, smooth, inv), lat))
+        # The trajectory starts at the source and ends at the inverted latent (internal space).
+        scale = smooth.model.model.latent_format.scale_factor
+        assert torch.allclose(inv.trajectory[0], lat * scale, atol=1e-5)
+        assert torch.allclose(inv.trajectory[-1], inv_lat * scale, atol=1e-4)
+        assert inv.steps == steps and inv.sigmas[0] == 0 and inv.sigmas.shape[0] == steps + 1
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < 0.6 * errs[0] and errs[2] < 0.6, errs
+
+
+def test_invert_then_sample_reconstructs_with_the_test_unet(pack, smooth):
+    lat = _latent()
+    errs = {}
+    for steps in (10, 50):
+        _, inv = invert(pack, smooth, lat, steps)
+        errs[steps] = rel_err(sample(pack, smooth, inv), lat)
+    assert errs[50] < 0.03, errs
+    assert errs[50] < 0.7 * errs[10], errs
+
+
+def test_inversion_is_deterministic(pack, smooth):
+    lat = _latent(seed=1)
+    a_lat, a = invert(pack, smooth, lat, 4)
+    b_lat, b = invert(pack, smooth, lat, 4)
+    assert torch.equal(a_lat, b_lat) and torch.equal(a.trajectory, b.trajectory) and torch.equal(a.sigmas, b.sigmas)
+
+
+def test_ddim_uniform_step_count_follows_the_host(pack, smooth):
+    """ddim_uniform spaces by 1000 // steps and can give one step more: the inversion
+    records what ran and Sample walks the same schedule back."""
+    import comfy.samplers
+    lat = _latent()
+    _, inv = invert(pack, smooth, lat, 3)
+    host = comfy.samplers.calculate_sigmas(smooth.model.get_model_object("model_sampling"), "ddim_uniform", 3)
+    assert torch.allclose(inv.sigmas, host.flip(0).float())
+    assert inv.trajectory.shape[0] == host.shape[0]
+    sample(pack, smooth, inv)
+
+
+# ---------------------------------------------------------------- cache
+def _cache_files(d):
+    return sorted(p for p in os.listdir(d) if p.endswith(".safetensors")) if os.path.isdir(d) else []
+
+
+def test_cache_hit_returns_identical_tensors_without_model_calls(pack, smooth, cache_dir, monkeypatch):
+    lat = _latent(seed=2)
+    counter = CallCounter(smooth.model, monkeypatch)
+    a_lat, a = invert(pack, smooth, lat, 3, use_cache=True)
+    assert counter.n > 0
+    assert len(_cache_files(cache_dir)) == 1
+    assert not [p for p in os.listdir(cache_dir) if p.endswith(".partial")]
+    counter.n = 0
+    b_lat, b = invert(pack, smooth, lat, 3, use_cache=True)
+    assert counter.n == 0, "a cache hit must not call the model"
+    assert torch.equal(a_lat, b_lat)
+    for f in ("latent", "trajectory", "sigmas", "source"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+def test_cache_key_follows_inputs(pack, smooth, cache_dir):
+    lat = _latent(seed=3)
+    invert(pack, smooth, lat, 2, use_cache=True)
+    invert(pack, smooth, lat, 2, use_cache=True)                     # same: hit
+    invert(pack, smooth, lat, 3, use_cache=True)                     # steps
+    invert(pack, smooth, lat + 0.01, 2, use_cache=True)              # latent
+    invert(pack, smooth, lat, 2, cond=smooth.other, use_cache=True)  # conditioning
+    patched = smooth.model.clone()
+    key, weight = next((k, w) for k, w in patched.model.state_dict().items() if k.endswith("out.2.weight"))
+    patched.add_patches({key: (torch.zeros_like(weight),)}, 0.5)  # a zero LoRA-like diff: same numbers
+    invert(pack, smooth, lat, 2, use_cache=True, model=patched)      # model patches
+    invert(pack, smooth, lat, 2, use_cache=True, cfg=2.0, negative=smooth.other)  # guidance
+    assert len(_cache_files(cache_dir)) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "garbage"])
+def test_damaged_cache_entry_is_recomputed(pack, smooth, cache_dir, monkeypatch, damage):
+    lat = _latent(seed=4)
+    a_lat, a = invert(pack, smooth, lat, 3, use_cache=True)
+    (name,) = _cache_files(cache_dir)
+    path = cache_dir / name
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        b = bytearray(data)
+        b[-5] ^= 0xFF  # inside the tensor data: only the stored checksum can tell
+        path.write_bytes(bytes(b))
+    else:
+        path.write_bytes(b"not a safetensors file")
+    counter = CallCounter(smooth.model, monkeypatch)
+    b_lat, b = invert(pack, smooth, lat, 3, use_cache=True)
+    assert counter.n > 0, "a damaged entry must be recomputed"
+    assert torch.equal(a_lat, b_lat) and torch.equal(a.trajectory, b.trajectory)
+    inv, status = pack.cache.InversionCache(str(cache_dir)).load(name[:-len(".safetensors")])
+    assert status == "hit" and torch.equal(inv.latent, a_lat)
+
+
+# ---------------------------------------------------------------- sampling
+def test_inverted_latent_works_with_core_ksampler_advanced(pack, smooth, comfy_host):
+    """Without a layout, Sample is the host's ddim sampler on the ddim_uniform schedule."""
+    lat = _latent(seed=5)
+    inv_lat, inv = invert(pack, smooth, lat, 4)
+    ours = sample(pack, smooth, inv, cfg=3.0, pos=smooth.other, neg=smooth.empty)
+    (core,) = comfy_host.nodes.KSamplerAdvanced().sample(
+        smooth.model, "disable", 0, 4, 3.0, "ddim", "ddim_uniform", smooth.other, smooth.empty,
+        {"samples": inv_lat}, 0, 10000, "disable")
+    assert torch.allclose(ours, core["samples"], atol=1e-4), (ours - core["samples"]).abs().max()
+
+
+def _layout(pack, mask):
+    return pack.layout.Layout().add(mask, "a red fox")
+
+
+def test_blend_keeps_the_source_outside_the_regions(pack, smooth):
+    lat = _latent(seed=6)
+    _, inv = invert(pack, smooth, lat, 4)
+    left = torch.zeros(2, 64, 64, dtype=torch.bool)
+    left[:, :, :32] = True
+    plain = sample(pack, smooth, inv, cfg=3.0, pos=smooth.other)
+    for blend in ("inversion trajectory", "re-noised source"):
+        out = sample(pack, smooth, inv, cfg=3.0, pos=smooth.other, layout=_layout(pack, left), blend=blend, seed=7)
+        # Outside the union the last step blends with the latent at sigma 0: the source.
+        assert torch.allclose(out[..., 4:], lat[..., 4:], atol=1e-4), blend
+        assert not torch.allclose(out[..., :4], lat[..., :4], atol=1e-2), blend
+        assert not torch.allclose(out[..., :4], plain[..., :4], atol=1e-6), "blending also steers the edited side"
+    full = torch.ones(1, 64, 64, dtype=torch.bool)
+    assert torch.equal(sample(pack, smooth, inv, cfg=3.0, pos=smooth.other, layout=_layout(pack, full)), plain)
+    assert torch.equal(sample(pack, smooth, inv, cfg=3.0, pos=smooth.other, layout=_layout(pack, left), blend="off"), plain)
+    r1 = sample(pack, smooth, inv, cfg=3.0, pos=smooth.other, layout=_layout(pack, left), blend="re-noised source", seed=1)
+    r2 = sample(pack, smooth, inv, cfg=3.0, pos=smooth.other, layout=_layout(pack, left), blend="re-noised source", seed=1)
+    assert torch.equal(r1, r2)
+
+
+def test_layout_of_wrong_shape_is_refused(pack, smooth):
+    _, inv = invert(pack, smooth, _latent(), 2)
+    wide = torch.ones(2, 64, 128, dtype=torch.bool)
+    with pytest.raises(ValueError, match="layout masks are 128x64"):
+        sample(pack, smooth, inv, layout=_layout(pack, wide))
+    three = torch.ones(3, 64, 64, dtype=torch.bool)
+    with pytest.raises(ValueError, match="3 mask frames"):
+        sample(pack, smooth, inv, layout=_layout(pack, three))
+
+
+def test_inversion_disables_modulation_but_sampling_does_not(pack, smooth):
+    import comfy.ldm.modules.attention as attention
+    seen = []
+    patched = smooth.model.clone()
+
+    def record(q, k, v, extra_options):
+        seen.append(bool(extra_options.get("videograin_disable_modulation")))
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+    patched.set_model_attn1_replace(record, "middle", 0, 0)
+    _, inv = invert(pack, smooth, _latent(), 2, model=patched)
+    assert seen and all(seen)
+    assert "videograin_disable_modulation" not in patched.model_options.get("transformer_options", {})
+    seen.clear()
+    sample(pack, smooth, inv, model=patched)
+    assert seen and not any(seen)
+
+
+def test_interrupt_stops_inversion_and_writes_no_cache(pack, smooth, cache_dir):
+    import comfy.model_management as mm
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            invert(pack, smooth, _latent(seed=8), 3, use_cache=True)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert _cache_files(cache_dir) == []
+
+
+def test_interrupt_mid_run_stops_at_the_next_step(pack, smooth, monkeypatch):
+    import comfy.model_management as mm
+    _, inv = invert(pack, smooth, _latent(), 4)
+    calls = []
+    inner = smooth.model.model
+    orig = inner.apply_model
+
+    def interrupting(*a, **k):  # the user presses cancel during the second step
+        calls.append(1)
+        if len(calls) == 2:
+            mm.interrupt_current_processing(True)
+        return orig(*a, **k)
+    monkeypatch.setattr(inner, "apply_model", interrupting)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(pack, smooth, inv)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------- inputs
+def test_images_and_vae_encode_like_the_latent(pack, smooth):
+    g = torch.Generator().manual_seed(9)
+    images = torch.rand(3, 64, 64, 3, generator=g)
+    lat = smooth.vae.encode(images).float()
+    out = pack.invert.VideoGrainDDIMInvert.execute(model=smooth.model, conditioning=smooth.empty, steps=2, cfg=1.0,
+                                                   use_cache=False, images=images, vae=smooth.vae)
+    assert torch.allclose(out.args[1].source, lat, atol=1e-5)
+    assert torch.allclose(out.args[0]["samples"], invert(pack, smooth, lat, 2)[0], atol=1e-4)
+
+
+def test_bad_inputs_are_refused_before_sampling(pack, smooth):
+    node = pack.invert.VideoGrainDDIMInvert
+    with pytest.raises(ValueError, match="no negative conditioning"):
+        node.execute(model=smooth.model, conditioning=smooth.empty, steps=2, cfg=2.0, latent={"samples": _latent()})
+    with pytest.raises(ValueError, match="nothing to invert"):
+        node.execute(model=smooth.model, conditioning=smooth.empty, steps=2, cfg=1.0)
+    with pytest.raises(ValueError, match="no vae"):
+        node.execute(model=smooth.model, conditioning=smooth.empty, steps=2, cfg=1.0, images=torch.rand(1, 64, 64, 3))
+
+
+def test_controlnet_on_the_conditioning_is_used_and_keyed(pack, smooth, comfy_host, test_models, cache_dir):
+    import comfy.controlnet
+    cnet = comfy.controlnet.load_controlnet(test_models.small_cnet)
+    hint = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(10))
+    apply = comfy_host.nodes.ControlNetApplyAdvanced()
+    lat = _latent()
+    results = []
+    for strength in (0.5, 1.0):
+        pos, neg = apply.apply_controlnet(smooth.empty, smooth.empty, cnet, hint, strength, 0.0, 1.0)
+        results.append(invert(pack, smooth, lat, 2, cond=pos, use_cache=True)[0])
+    plain = invert(pack, smooth, lat, 2, use_cache=True)[0]
+    assert len(_cache_files(cache_dir)) == 3
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], plain)
