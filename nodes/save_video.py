@@ -58,11 +58,12 @@ class VideoGrainSaveVideo(io.ComfyNode):
             raise ValueError(f"fps must be > 0, got {fps}: connect the Video Loader's fps")
         sbs = side_by_side(source, images) if source is not None else None
         metadata = {}
-        if not args.disable_metadata:
-            if cls.hidden.prompt is not None:
-                metadata["prompt"] = json.dumps(cls.hidden.prompt)
-            if cls.hidden.extra_pnginfo is not None:
-                for k, v in cls.hidden.extra_pnginfo.items():
+        hidden = cls.hidden  # None when called outside an execution
+        if not args.disable_metadata and hidden is not None:
+            if hidden.prompt is not None:
+                metadata["prompt"] = json.dumps(hidden.prompt)
+            if hidden.extra_pnginfo is not None:
+                for k, v in hidden.extra_pnginfo.items():
                     metadata[k] = json.dumps(v)
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])

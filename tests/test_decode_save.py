@@ -1,0 +1,149 @@
+"""Decode and Save Video, and the whole edit chain through POST /prompt on a small real video:
+Video Loader -> Region Mask -> Local Prompt -> Layout Conditioning -> ST-Layout Patch ->
+DDIM Invert -> Sample -> Decode -> Save Video."""
+from __future__ import annotations
+
+import os
+from importlib import import_module
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_video_loader import make_video
+
+
+def probe(path):
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        return {"frames": len(frames), "size": (frames[0].shape[1], frames[0].shape[0]),
+                "fps": float(s.average_rate), "codec": s.codec_context.name, "first": frames[0]}
+
+
+@pytest.fixture(scope="module")
+def small(comfy_host, test_models):
+    import comfy.sd
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(test_models.small)
+    return vae
+
+
+def _node(comfy_host, module, name):
+    return getattr(import_module(f"{comfy_host.pack.__name__}.nodes.{module}"), name)
+
+
+# ---------------------------------------------------------------- in-process
+def test_decode_in_chunks_matches_a_single_decode(comfy_host, small):
+    dec = _node(comfy_host, "decode", "VideoGrainDecode")
+    lat = torch.randn(5, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    whole = small.decode(lat)
+    out = dec.execute(samples={"samples": lat}, vae=small, max_frames_per_chunk=2).args[0]
+    assert out.shape == (5, 64, 96, 3) and torch.allclose(out, whole, atol=1e-5)
+    mod = import_module(f"{comfy_host.pack.__name__}.nodes.decode")
+    assert mod.chunk_frames(small, lat, 2) <= 2 and mod.chunk_frames(small, lat, 16) >= 1
+    with pytest.raises(ValueError, match="samples must be a latent"):
+        dec.execute(samples={"samples": torch.zeros(1, 4, 2, 8, 8)}, vae=small)
+
+
+def test_save_writes_h264_mp4_and_side_by_side(comfy_host):
+    save = _node(comfy_host, "save_video", "VideoGrainSaveVideo")
+    g = torch.Generator().manual_seed(1)
+    edit = torch.rand(6, 48, 64, 3, generator=g)
+    src = torch.rand(6, 48, 64, 3, generator=g)
+    out = save.execute(images=edit, fps=7.5, filename_prefix="vg_save/test", crf=10, source=src)
+    results = out.ui.as_dict()["images"]
+    assert len(results) == 2 and all(r["type"] == "output" for r in results)
+    outdir = comfy_host.folder_paths.get_output_directory()
+    main = probe(os.path.join(outdir, results[0]["subfolder"], results[0]["filename"]))
+    sbs = probe(os.path.join(outdir, results[1]["subfolder"], results[1]["filename"]))
+    assert (main["frames"], main["size"], main["codec"]) == (6, (64, 48), "h264") and main["fps"] == pytest.approx(7.5)
+    assert sbs["frames"] == 6 and sbs["size"] == (128, 48)
+    assert not [f for f in os.listdir(os.path.join(outdir, "vg_save")) if f.endswith(".partial")]
+    # Odd sizes are padded to even (yuv420p); a second save gets the next number.
+    out = save.execute(images=torch.rand(2, 33, 45, 3), fps=8.0, filename_prefix="vg_save/test")
+    (r,) = out.ui.as_dict()["images"]
+    assert r["filename"] != results[0]["filename"]
+    assert probe(os.path.join(outdir, r["subfolder"], r["filename"]))["size"] == (46, 34)
+    with pytest.raises(ValueError, match="source has 3 frames but images has 6"):
+        save.execute(images=edit, fps=8.0, filename_prefix="vg_save/x", source=src[:3])
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        save.execute(images=edit, fps=0.0, filename_prefix="vg_save/x")
+
+
+# ---------------------------------------------------------------- through the real server
+def _write_mask_png(path, w, h):
+    m = np.zeros((h, w), np.uint8)
+    m[:, : w // 2] = 255
+    Image.fromarray(m, "L").save(path)
+
+
+def chain_prompt(ckpt, video, mask_png, steps=3, **loader):
+    li = dict(video=video, skip_first_frames=0, select_every_nth=2, frame_load_cap=4, size=64, crop="center")
+    li.update(loader)
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "load": {"class_type": "VideoGrainVideoLoader", "inputs": li},
+        "mask": {"class_type": "LoadImageMask", "inputs": {"image": mask_png, "channel": "red"}},
+        "region": {"class_type": "VideoGrainRegionMask", "inputs": {"mask": ["mask", 0], "transform": ["load", 3],
+                                                                    "threshold": 0.5}},
+        "local": {"class_type": "VideoGrainLocalPrompt", "inputs": {"mask": ["region", 0], "local_prompt": "red fox"}},
+        "cond": {"class_type": "VideoGrainLayoutConditioning", "inputs": {
+            "clip": ["ckpt", 1], "global_prompt": "a red fox in the snow", "layout": ["local", 0]}},
+        "patch": {"class_type": "VideoGrainSTLayoutPatch", "inputs": {
+            "model": ["ckpt", 0], "layout": ["cond", 1], "full_frame_attention": True, "self_strength": 0.3,
+            "cross_strength": 1.0, "end_percent": 0.3, "self_branch": "uncond", "size_term": "reference",
+            "modulate_full_resolution": False}},
+        "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}},
+        "inv": {"class_type": "VideoGrainDDIMInvert", "inputs": {
+            "model": ["patch", 0], "conditioning": ["empty", 0], "latent": ["enc", 0], "steps": steps, "cfg": 1.0,
+            "use_cache": True}},
+        "sample": {"class_type": "VideoGrainSample", "inputs": {
+            "model": ["patch", 0], "positive": ["cond", 0], "negative": ["empty", 0], "inversion": ["inv", 1],
+            "cfg": 7.5, "layout": ["cond", 1], "blend": "inversion trajectory", "seed": 0}},
+        "dec": {"class_type": "VideoGrainDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2],
+                                                             "max_frames_per_chunk": 2}},
+        "save": {"class_type": "VideoGrainSaveVideo", "inputs": {
+            "images": ["dec", 0], "fps": ["load", 1], "filename_prefix": "vg_chain/edit", "crf": 19,
+            "source": ["load", 0]}},
+    }
+
+
+@pytest.mark.server
+def test_full_edit_chain_through_the_server(comfy_server, test_models):
+    make_video(os.path.join(comfy_server.input_dir, "chain.mp4"), n=10, w=96, h=64, fps=12)
+    _write_mask_png(os.path.join(comfy_server.input_dir, "chain_mask.png"), 96, 64)
+    prompt = chain_prompt(test_models.small_name, "chain.mp4", "chain_mask.png")
+    entry = comfy_server.run(prompt, timeout=600)
+    saved = entry["outputs"]["save"]["images"]
+    assert [s["filename"].endswith(("_.mp4", "_sbs.mp4")) for s in saved] == [True, True]
+    edit = probe(os.path.join(comfy_server.output_dir, saved[0]["subfolder"], saved[0]["filename"]))
+    sbs = probe(os.path.join(comfy_server.output_dir, saved[1]["subfolder"], saved[1]["filename"]))
+    assert edit["frames"] == 4 and edit["size"] == (96, 64) and edit["fps"] == pytest.approx(6.0)
+    assert sbs["frames"] == 4 and sbs["size"] == (192, 64)
+    # The inversion was cached in the host's persistent user folder, never in temp.
+    cache = os.path.join(os.path.dirname(comfy_server.output_dir), "user", "__videograin_cache")
+    assert [f for f in os.listdir(cache) if f.endswith(".safetensors")]
+    # Again with another seed: the inversion comes from the cache, the result is the same
+    # (blend on the deterministic trajectory ignores the seed).
+    prompt["sample"]["inputs"]["seed"] = 1
+    entry = comfy_server.run(prompt, timeout=600)
+    again = entry["outputs"]["save"]["images"][0]
+    again = probe(os.path.join(comfy_server.output_dir, again["subfolder"], again["filename"]))
+    assert np.array_equal(again["first"], edit["first"])
+
+
+@pytest.mark.server
+def test_chain_errors_through_the_server(comfy_server, test_models):
+    make_video(os.path.join(comfy_server.input_dir, "chain_err.mp4"), n=6, w=96, h=64)
+    _write_mask_png(os.path.join(comfy_server.input_dir, "chain_err_mask.png"), 96, 64)
+    bad_cfg = chain_prompt(test_models.small_name, "chain_err.mp4", "chain_err_mask.png", steps=2)
+    bad_cfg["inv"]["inputs"]["cfg"] = 3.0
+    err = comfy_server.run_expect_error(bad_cfg, timeout=300)
+    assert "no negative conditioning is connected" in err, err[:2000]
+    outside = {"load": bad_cfg["load"], "save": {"class_type": "VideoGrainSaveVideo", "inputs": {
+        "images": ["load", 0], "fps": ["load", 1], "filename_prefix": "../../escape", "crf": 19}}}
+    err = comfy_server.run_expect_error(outside, timeout=300)
+    assert "outside the output folder" in err, err[:2000]
+    assert comfy_server.alive()
