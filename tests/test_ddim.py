@@ -329,3 +329,38 @@ def test_controlnet_on_the_conditioning_is_used_and_keyed(pack, smooth, comfy_ho
     plain = invert(pack, smooth, lat, 2, use_cache=True)[0]
     assert len(_cache_files(cache_dir)) == 3
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], plain)
+
+
+def test_cache_key_is_stable_for_a_patched_model(pack, smooth, comfy_host, cache_dir, monkeypatch):
+    """The key of an ST-Layout patched model must not change once the patch has run (its
+    per-grid caches fill while sampling), nor for the same checkpoint loaded and patched
+    again (as after a server restart)."""
+    import comfy.sd
+    name = comfy_host.pack.__name__
+    try:
+        cond_node = import_module(name + ".nodes.layout_conditioning").VideoGrainLayoutConditioning
+        patch_node = import_module(name + ".nodes.st_layout_patch").VideoGrainSTLayoutPatch
+    except (ImportError, AttributeError):
+        pytest.skip("the ST-Layout Patch nodes are not there yet")
+
+    def patched_model(model, clip):
+        mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+        mask[:, :, :32] = True
+        pos, layout = cond_node.execute(clip=clip, global_prompt="a red fox in the snow",
+                                        layout=_layout(pack, mask)).args
+        m = patch_node.execute(model=model, layout=layout, full_frame_attention=True, self_strength=0.3,
+                               cross_strength=1.0, end_percent=0.3, self_branch="uncond", size_term="reference",
+                               modulate_full_resolution=False).args[0]
+        return m, pos, layout
+
+    lat = _latent(seed=11)
+    m1, pos, layout = patched_model(smooth.model, smooth.clip)
+    _, inv = invert(pack, smooth, lat, 2, model=m1, use_cache=True)
+    sample(pack, smooth, inv, cfg=3.0, pos=pos, model=m1, layout=layout)
+    model2, clip2, _, _ = comfy.sd.load_checkpoint_guess_config(smooth.path)
+    m2, _, _ = patched_model(model2, clip2)
+    for m in (m1, m2):
+        counter = CallCounter(m, monkeypatch)
+        invert(pack, smooth, lat, 2, model=m, use_cache=True)
+        assert counter.n == 0, "the same inversion must come from the cache"
+    assert len(_cache_files(cache_dir)) == 1

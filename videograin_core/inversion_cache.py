@@ -80,8 +80,11 @@ def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset())
                 "weights": [[k, tensor_digest(v, sample=True)] for k, v in sorted(obj.state_dict().items())]}
     if isinstance(obj, functools.partial):
         return {"partial": rec(obj.func), "args": rec(obj.args), "kw": rec(obj.keywords)}
+    own = getattr(obj, "videograin_fingerprint", None)
+    if callable(own) and not isinstance(obj, type):  # objects may say what identifies them
+        return {"object": _type_name(type(obj)), "own": rec(own())}
     if callable(obj) and hasattr(obj, "__qualname__"):
-        d = {"fn": f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"}
+        d = {"fn": f"{_module_name(obj)}.{obj.__qualname__}"}
         if getattr(obj, "__self__", None) is not None and not isinstance(obj.__self__, type(json)):
             d["self"] = rec(obj.__self__)
         if getattr(obj, "__closure__", None):
@@ -94,14 +97,26 @@ def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset())
             d["closure"] = cells
         return d
     state = getattr(obj, "__dict__", None)
-    d = {"object": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    d = {"object": _type_name(type(obj))}
     if state is not None:
-        d["state"] = rec(state)
+        # `_private` attributes are caches by convention (e.g. per-grid terms filled while
+        # sampling): leaving them out keeps the key of an object the same after it ran.
+        d["state"] = rec({k: v for k, v in state.items() if not k.startswith("_")})
     elif hasattr(obj, "__slots__"):
         d["state"] = rec({s: getattr(obj, s, None) for s in obj.__slots__})
     else:
         d["repr"] = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))[:200]  # no addresses: keys survive restarts
     return d
+
+
+def _module_name(obj) -> str:
+    # Hosts import packs under their folder path: keep the dotted tail only, so a key does
+    # not depend on where the pack is installed.
+    return re.sub(r"^.*[\\/]", "", str(getattr(obj, "__module__", "") or ""))
+
+
+def _type_name(t: type) -> str:
+    return f"{_module_name(t)}.{t.__qualname__}"
 
 
 def make_key(parts: dict, hook=None) -> str:
