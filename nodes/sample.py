@@ -56,7 +56,7 @@ class VideoGrainSample(io.ComfyNode):
                                tooltip="inversion trajectory: the inverted latent at the same step (paper, "
                                        "deterministic); re-noised source: source + fresh seeded noise (reference "
                                        "code); off: no blending."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise for the 're-noised source' blend only."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],

@@ -49,7 +49,8 @@ def tensor_digest(t: torch.Tensor, sample: bool | None = None) -> str:
 def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset()):
     """A JSON-able description of `obj` that changes when anything that matters changes:
     tensors by digest, containers recursively, callables by name (and their partial
-    arguments, bound object and closure), other objects by type and attributes.
+    arguments, bound object and closure), other objects by type and public attributes
+    (`_private` ones are caches by convention), or by their own `videograin_fingerprint()`.
     `hook(obj)` may return a description to use instead (host types), or None."""
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
