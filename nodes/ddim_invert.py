@@ -149,6 +149,11 @@ class VideoGrainDDIMInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, steps, cfg, use_cache=True, latent=None, images=None, vae=None,
                 negative=None) -> io.NodeOutput:
+        if steps < 2:
+            # ddim_uniform with 1 step is [sigma(t=1), 0]: the "inverted" latent is the
+            # source with almost no noise, and sampling gives the source back unedited.
+            raise ValueError(f"steps is {steps}: DDIM inversion needs at least 2 steps (1 step only reaches "
+                             "timestep 1, so nothing could be edited); use 50 (the reference) or at least 10")
         if not math.isclose(cfg, 1.0) and negative is None:
             raise ValueError(f"cfg is {cfg} but no negative conditioning is connected: connect one, or set cfg to 1")
         if latent is not None:
