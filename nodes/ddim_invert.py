@@ -98,6 +98,24 @@ def _tensors_in(v):
         yield from _tensors_in(v.weights)
 
 
+def check_control_hints(frames: int, **conditionings) -> None:
+    """Every ControlNet hint on these conditionings has one image per video frame (or a
+    single image for all): the host silently repeats or cuts a batch of another length,
+    which would pair hints with the wrong frames."""
+    for what, conds in conditionings.items():
+        for c in conds or []:
+            extra = c[1] if isinstance(c, (list, tuple)) and len(c) > 1 and isinstance(c[1], dict) else {}
+            control, seen = extra.get("control"), set()
+            while control is not None and id(control) not in seen:
+                seen.add(id(control))
+                hint = getattr(control, "cond_hint_original", None)
+                if isinstance(hint, torch.Tensor) and hint.ndim == 4 and hint.shape[0] not in (1, frames):
+                    raise ValueError(f"{what}: the ControlNet hint has {hint.shape[0]} images but the video has "
+                                     f"{frames} frames: give one hint image per frame (the preprocessor run on the "
+                                     "Video Loader's images) or a single image for all frames")
+                control = getattr(control, "previous_controlnet", None)
+
+
 def encode_frames(vae, images: torch.Tensor) -> torch.Tensor:
     """IMAGE [F, H, W, C] -> latent, a chunk of frames at a time (the host's VAE returns the
     distribution's mean for SD1.5: deterministic)."""
@@ -167,6 +185,7 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         if samples.ndim != 4:
             raise ValueError(f"latent must be [frames, channels, height, width], got shape {tuple(samples.shape)}")
         samples = samples.detach().to("cpu", torch.float32).contiguous()
+        check_control_hints(samples.shape[0], conditioning=conditioning, negative=negative)
 
         m = model.clone()
         # Inversion reconstructs the source: full-frame attention yes, layout modulation never.

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..videograin_core import ddim
-from .ddim_invert import Inversion, run_sampler
+from .ddim_invert import Inversion, check_control_hints, run_sampler
 
 Layout = io.Custom("VIDEOGRAIN_LAYOUT")
 
@@ -67,6 +67,7 @@ class VideoGrainSample(io.ComfyNode):
                 layout=None) -> io.NodeOutput:
         inv = inversion
         _check_schedule(model, inv)
+        check_control_hints(inv.latent.shape[0], positive=positive, negative=negative)
         sigmas = inv.sigmas.flip(0)  # descending, the inversion's schedule walked back
         mask = reference = None
         if layout is not None and blend != BLEND_OFF and layout.regions:
