@@ -54,6 +54,9 @@ class VideoGrainLayoutConditioning(io.ComfyNode):
             raise ValueError("clip: the CLIP input is empty (the checkpoint has no text encoder)")
         if not layout.regions:
             raise ValueError("layout: it has no regions; add at least one VideoGrain Local Prompt")
+        if not (global_prompt or "").strip() and any(r.prompt for r in layout.regions):
+            raise ValueError("global_prompt is empty: write the whole edit there; it must contain every local "
+                             f"prompt word for word (local prompts: {', '.join(repr(p) for p in layout.prompts if p)})")
         g_tokens, g_windows = _windows(clip, global_prompt, "global_prompt")
         # Start, end and padding markers are whatever the tokenizer puts around an empty text.
         _, empty = _windows(clip, "", "marker")
