@@ -343,12 +343,12 @@ def test_cache_key_is_stable_for_a_patched_model(pack, smooth, comfy_host, cache
     except (ImportError, AttributeError):
         pytest.skip("the ST-Layout Patch nodes are not there yet")
 
-    def patched_model(model, clip):
+    def patched_model(model, clip, prompt="a red fox in the snow", split=32, strength=0.3, full_frame=True):
         mask = torch.zeros(2, 64, 64, dtype=torch.bool)
-        mask[:, :, :32] = True
-        pos, layout = cond_node.execute(clip=clip, global_prompt="a red fox in the snow",
+        mask[:, :, :split] = True
+        pos, layout = cond_node.execute(clip=clip, global_prompt=prompt,
                                         layout=_layout(pack, mask)).args
-        m = patch_node.execute(model=model, layout=layout, full_frame_attention=True, self_strength=0.3,
+        m = patch_node.execute(model=model, layout=layout, full_frame_attention=full_frame, self_strength=strength,
                                cross_strength=1.0, end_percent=0.3, self_branch="uncond", size_term="reference",
                                modulate_full_resolution=False).args[0]
         return m, pos, layout
@@ -364,3 +364,15 @@ def test_cache_key_is_stable_for_a_patched_model(pack, smooth, comfy_host, cache
         invert(pack, smooth, lat, 2, model=m, use_cache=True)
         assert counter.n == 0, "the same inversion must come from the cache"
     assert len(_cache_files(cache_dir)) == 1
+    # A new edit of the same clip (other regions, prompts, strengths) reuses the inversion:
+    # the inversion never modulates, so only full-frame attention may change its key.
+    m3, _, _ = patched_model(smooth.model, smooth.clip, prompt="a red fox chasing a blue bird in the rain", split=16, strength=0.7)
+    counter = CallCounter(m3, monkeypatch)
+    _, inv3 = invert(pack, smooth, lat, 2, model=m3, use_cache=True)
+    assert counter.n == 0, "a new layout must not invalidate the cached inversion"
+    assert torch.equal(inv3.latent, inv.latent)
+    m4, _, _ = patched_model(smooth.model, smooth.clip, full_frame=False)
+    counter = CallCounter(m4, monkeypatch)
+    invert(pack, smooth, lat, 2, model=m4, use_cache=True)
+    assert counter.n > 0, "per-frame attention gives another inversion: it must not hit the cache"
+    assert len(_cache_files(cache_dir)) == 2

@@ -56,7 +56,7 @@ def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset())
         return obj
     if isinstance(obj, float):
         return repr(obj)
-    if _depth > 8:
+    if _depth > 16:  # patch functions sit ~9 levels down (model_options -> ... -> closure)
         return f"<deep {type(obj).__qualname__}>"
     if hook is not None:
         d = hook(obj)

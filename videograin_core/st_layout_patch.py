@@ -59,6 +59,12 @@ class PatchOptions:
                                  f"row maximum), got {getattr(self, name)}")
 
 
+    def videograin_fingerprint(self) -> dict:
+        """The inversion cache key's view of these options (the attention functions hold
+        them): only full-frame attention can change an inversion, which never modulates;
+        see STLayoutRuntime.videograin_fingerprint."""
+        return {"full_frame_attention": bool(self.full_frame_attention)}
+
 def grid_level(activations_shape, original_shape) -> int | None:
     """How many times the token grid was halved from the latent (0 = full resolution)."""
     if not activations_shape or not original_shape or len(activations_shape) < 4 or len(original_shape) < 4:
@@ -104,6 +110,15 @@ class STLayoutRuntime:
         self._steps: dict = {}
         self._by_frames: dict = {}
         self._last_schedule = (object(), None)
+
+    def videograin_fingerprint(self) -> dict:
+        """What an inversion through this patch depends on (the inversion cache key).
+
+        The inversion turns modulation off (`videograin_disable_modulation`), so the
+        layout, the local prompts and the strengths cannot change its result: only whether
+        self-attention spans all frames does. A new edit of the same clip therefore reuses
+        the cached inversion."""
+        return {"st_layout_patch": 1, "full_frame_attention": bool(self.options.full_frame_attention)}
 
     # ------------------------------------------------------------ checks
     def check_latent(self, latent_shape) -> None:
