@@ -90,3 +90,12 @@ def test_stock_txt2img_workflow_runs(comfy_server, test_models):
     for im in images:
         with Image.open(os.path.join(comfy_server.output_dir, im["subfolder"], im["filename"])) as pil:
             assert pil.size == (64, 96)
+
+
+def test_node_reference_is_up_to_date(comfy_host):
+    """docs/NODES.md is generated from the schemas: it must say what the host shows."""
+    maker = load_script("node_reference")
+    from importlib import import_module
+    classes = import_module(comfy_host.pack.__name__ + ".nodes").NODE_CLASSES
+    with open(maker.OUT) as f:
+        assert f.read() == maker.render(classes), "docs/NODES.md is stale: run scripts/node_reference.py"
