@@ -10,7 +10,7 @@ host:
 	@scripts/setup_host.sh >/dev/null
 
 test:
-	@eval "$$(scripts/setup_host.sh)" && scripts/setup_browser.sh && \
+	@eval "$$(scripts/setup_host.sh)" && scripts/setup_system.sh && \
 	  $$HOST_PYTHON scripts/make_test_models.py --comfyui "$$COMFYUI_PATH" --which small small_cnet && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON -m pytest tests $(PYTEST_ARGS)
 

@@ -31,7 +31,7 @@ CHECK_JS = """async (graph) => {
 @pytest.fixture(scope="module")
 def ui_page(comfy_server):
     if not shutil.which(os.environ.get("CHROMIUM", "chromium")) and not os.path.exists("/usr/bin/chromium"):
-        pytest.fail("Debian's chromium is not installed: run scripts/setup_browser.sh")
+        pytest.fail("Debian's chromium is not installed: run scripts/setup_system.sh")
     from playwright.sync_api import sync_playwright
     builder = load_script("build_workflows")
     comfy_server.post("/settings/Comfy.TutorialCompleted", True)
