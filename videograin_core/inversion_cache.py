@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import re
+import types
 import uuid
 
 import numpy as np
+
 import torch
 
 from .ddim import Inversion
@@ -81,14 +83,21 @@ def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset())
                 "weights": [[k, tensor_digest(v, sample=True)] for k, v in sorted(obj.state_dict().items())]}
     if isinstance(obj, functools.partial):
         return {"partial": rec(obj.func), "args": rec(obj.args), "kw": rec(obj.keywords)}
-    own = getattr(obj, "videograin_fingerprint", None)
+    if isinstance(obj, types.ModuleType):  # never walk into modules (their state is the world)
+        return {"module": _module_name(obj) or obj.__name__}
+    try:  # some objects make attributes up on access (ctypes libraries, proxies)
+        own = getattr(obj, "videograin_fingerprint", None)
+    except Exception:
+        own = None
     if callable(own) and not isinstance(obj, type):  # objects may say what identifies them
         return {"object": _type_name(type(obj)), "own": rec(own())}
+    if isinstance(obj, type):  # a class: its name (its attributes are descriptors, not state)
+        return {"type": _type_name(obj)}
     if callable(obj) and hasattr(obj, "__qualname__"):
         d = {"fn": f"{_module_name(obj)}.{obj.__qualname__}"}
         if getattr(obj, "__self__", None) is not None and not isinstance(obj.__self__, type(json)):
             d["self"] = rec(obj.__self__)
-        if getattr(obj, "__closure__", None):
+        if isinstance(getattr(obj, "__closure__", None), tuple):
             cells = []
             for c in obj.__closure__:
                 try:
