@@ -58,6 +58,34 @@ BUILD_JS = """async ([api, name, note]) => {
             if (w.name === 'control_after_generate') w.value = 'fixed';
         }
     }
+    // Lay the graph out in columns by depth (sources left), wrapped into rows so the
+    // whole graph reads at a useful zoom.
+    const nodes = app.graph.nodes, depth = new Map();
+    const inputsOf = n => (n.inputs || []).filter(i => i.link != null).map(i => app.graph.links[i.link]?.origin_id ?? app.graph.getLink?.(i.link)?.origin_id);
+    const d = n => {
+        if (depth.has(n.id)) return depth.get(n.id);
+        depth.set(n.id, 0);
+        const v = Math.max(-1, ...inputsOf(n).map(id => d(app.graph.getNodeById(id)))) + 1;
+        depth.set(n.id, v);
+        return v;
+    };
+    nodes.forEach(d);
+    const perRow = 6, colW = 470, columns = new Map();
+    for (const n of [...nodes].sort((a, b) => a.id - b.id)) {
+        const k = depth.get(n.id);
+        if (!columns.has(k)) columns.set(k, []);
+        columns.get(k).push(n);
+    }
+    let rowTop = 0, rowHeight = 0;
+    for (const k of [...columns.keys()].sort((a, b) => a - b)) {
+        if (k % perRow === 0 && k > 0) { rowTop += rowHeight + 120; rowHeight = 0; }
+        let y = rowTop;
+        for (const n of columns.get(k)) {
+            n.pos = [(k % perRow) * colW, y];
+            y += n.size[1] + 70;
+        }
+        rowHeight = Math.max(rowHeight, y - rowTop);
+    }
     if (note) {
         const n = window.LiteGraph.createNode('Note');
         n.widgets[0].value = note;
@@ -67,7 +95,19 @@ BUILD_JS = """async ([api, name, note]) => {
         n.size = [520, 180];
         app.graph.add(n);
     }
-    return app.graph.serialize();
+    // Open with the whole graph in view (the view is saved in extra.ds).
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const m of app.graph.nodes) {
+        x0 = Math.min(x0, m.pos[0]); y0 = Math.min(y0, m.pos[1] - 40);
+        x1 = Math.max(x1, m.pos[0] + m.size[0]); y1 = Math.max(y1, m.pos[1] + m.size[1]);
+    }
+    const el = app.canvas.canvas, ds = app.canvas.ds;
+    const scale = Math.min(el.width / (x1 - x0), el.height / (y1 - y0)) * 0.95;
+    ds.scale = scale;
+    ds.offset = [-x0 + (el.width / scale - (x1 - x0)) / 2, -y0 + (el.height / scale - (y1 - y0)) / 2];
+    app.canvas.setDirty(true, true);
+    // As the frontend's own save does: JSON text (undefined fields are left out, not null).
+    return JSON.stringify(app.graph.serialize());
 }"""
 
 
@@ -97,7 +137,7 @@ def build(comfy: str, check: bool = False) -> int:
                 name = os.path.splitext(os.path.basename(path))[0]
                 with open(path) as f:
                     api = json.load(f)
-                graph = page.evaluate(BUILD_JS, [api, name, NOTES.get(name)])
+                graph = json.loads(page.evaluate(BUILD_JS, [api, name, NOTES.get(name)]))
                 out = os.path.join(REPO, "workflows", name + ".json")
                 text = json.dumps(graph, indent=2) + "\n"
                 if check:
