@@ -24,7 +24,9 @@ if [[ -n "${COMFYUI_PATH:-}" ]]; then
     HOST_PY="${COMFYUI_PYTHON:-$PY}"
     [[ -f "$COMFY/main.py" ]] || { log "COMFYUI_PATH=$COMFY has no main.py"; exit 2; }
     log "using existing ComfyUI at $COMFY with $HOST_PY"
-    "$HOST_PY" -m pip install -q -r "$PACK_DIR/requirements.txt" >&2
+    # The pack's and the test tools' requirements; none of them asks for torch, so the
+    # user's torch build stays as it is.
+    "$HOST_PY" -m pip install -q -r "$PACK_DIR/requirements.txt" -r "$PACK_DIR/requirements-dev.txt" >&2
 else
     COMFY="$HOST_DIR/ComfyUI"
     VENV="$HOST_DIR/venv"
