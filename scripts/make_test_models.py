@@ -139,6 +139,7 @@ def _vae_sd(kind: str, seed: int) -> dict:
 def recipe(which: str, seed: int) -> str:
     spec = MODELS[which]
     return json.dumps({"which": which, "seed": seed, "version": RECIPE_VERSION,
+                       "note": "random weights for tests: the output is noise",
                        **{k: v for k, v in spec.items() if k != "file"}}, sort_keys=True)
 
 
@@ -173,8 +174,9 @@ def write_model(models_dir: str, which: str, seed: int = 0) -> str:
         sd[name] = (sd[name].float() * factor).to(sd[name].dtype)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".partial"
-    save_file(sd, tmp, metadata={"videograin_test_recipe": want,
-                                 "note": "random weights for tests: output is noise"})
+    # One metadata entry only: safetensors writes several in no fixed order, which would
+    # make the bytes differ between identical runs (the recipe says what the file is).
+    save_file(sd, tmp, metadata={"videograin_test_recipe": want})
     os.replace(tmp, path)  # never leave a half-written model where the host looks
     return path
 
