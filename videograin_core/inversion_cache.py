@@ -39,7 +39,8 @@ def tensor_digest(t: torch.Tensor, sample: bool | None = None) -> str:
     if n:
         flat = t.reshape(-1)
         if sample and n > _SAMPLE_ELEMENTS:
-            idx = torch.linspace(0, n - 1, _SAMPLE_ELEMENTS, device=flat.device).long()
+            # integer positions 0 .. n-1 (a float linspace rounds past the end for large n)
+            idx = torch.arange(_SAMPLE_ELEMENTS, dtype=torch.int64, device=flat.device) * (n - 1) // (_SAMPLE_ELEMENTS - 1)
             flat = flat[idx]
         flat = flat.to("cpu").contiguous()
         if flat.dtype == torch.bfloat16:
