@@ -114,3 +114,22 @@ def test_demo_command_runs_end_to_end(tmp_path, test_models):
     for v in videos:
         assert f"wrote {v}" in p.stdout or os.path.relpath(v) in p.stdout
         assert _video_facts(v)[0] == FRAMES
+
+
+def test_full_size_sd15_checkpoint_runs_the_instance_edit(comfy_server, test_models, sample_inputs):
+    """The real SD1.5 sizes (UNet, CLIP-L, KL VAE) through the whole chain: shapes, key
+    names and weight fingerprints of a user's checkpoint, not only of the small model."""
+    maker = __import__("vg_testlib").load_script("make_test_models")
+    full = maker.write_model(os.path.join(comfyui_path(), "models"), "full")
+    with open(os.path.join(API_DIR, "instance_level_edit.json")) as f:
+        prompt = _for_test(json.load(f), test_models)
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = os.path.basename(full)
+        elif node["class_type"] == "VideoGrainVideoLoader":
+            node["inputs"]["frame_load_cap"] = 2
+    entry = comfy_server.run(prompt, timeout=900)
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == "VideoGrainSaveVideo")
+    items = [i for v in entry["outputs"][save_id].values() if isinstance(v, list) for i in v if isinstance(i, dict)]
+    assert len(items) == 2
+    assert _video_facts(os.path.join(comfy_server.output_dir, items[0].get("subfolder", ""), items[0]["filename"]))[0] == 2
