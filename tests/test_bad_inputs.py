@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 from test_video_loader import make_video
-from vg_testlib import ExecutionFailed, PromptRejected, comfyui_path, load_script
+from vg_testlib import ExecutionFailed, PromptRejected, comfyui_path, edit_prompt, load_script
 
 SIZE, SRC_FRAMES = 64, 6
 SAMPLING_NODES = ("inv", "sample")
@@ -99,36 +99,13 @@ def env(comfy_server, test_models, tmp_path_factory):
 
 # ---------------------------------------------------------------- the base edit
 def base_prompt(ckpt: str, tag: str = "base", steps: int = 2) -> dict:
-    """A 2-frame 64x64 edit (frames 0 and 3 of a 6-frame clip), one region on the left half."""
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "load": {"class_type": "VideoGrainVideoLoader", "inputs": dict(
-            video="bad_src.mp4", skip_first_frames=0, select_every_nth=3, frame_load_cap=2, size=SIZE, crop="center")},
-        "mask": {"class_type": "LoadImageMask", "inputs": {"image": "bad_left.png", "channel": "red"}},
-        "region": {"class_type": "VideoGrainRegionMask", "inputs": {"mask": ["mask", 0], "transform": ["load", 3],
-                                                                    "threshold": 0.5}},
-        "local": {"class_type": "VideoGrainLocalPrompt", "inputs": {"mask": ["region", 0], "local_prompt": "red fox"}},
-        "cond": {"class_type": "VideoGrainLayoutConditioning", "inputs": {
-            "clip": ["ckpt", 1], "global_prompt": "a red fox in the snow", "layout": ["local", 0]}},
-        "patch": {"class_type": "VideoGrainSTLayoutPatch", "inputs": {
-            "model": ["ckpt", 0], "layout": ["cond", 1], "full_frame_attention": True, "self_strength": 0.3,
-            "cross_strength": 1.0, "end_percent": 0.5, "self_branch": "uncond", "size_term": "reference",
-            "modulate_full_resolution": False}},
-        "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}},
-        "inv": {"class_type": "VideoGrainDDIMInvert", "inputs": {
-            "model": ["patch", 0], "conditioning": ["empty", 0], "latent": ["enc", 0], "steps": steps, "cfg": 1.0,
-            "use_cache": True}},
-        "sample": {"class_type": "VideoGrainSample", "inputs": {
-            "model": ["patch", 0], "positive": ["cond", 0], "negative": ["empty", 0], "inversion": ["inv", 1],
-            "cfg": 7.5, "layout": ["cond", 1], "blend": "inversion trajectory", "seed": 0}},
-        "dec": {"class_type": "VideoGrainDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2],
-                                                             "max_frames_per_chunk": 2}},
-        "save": {"class_type": "VideoGrainSaveVideo", "inputs": {
-            "images": ["dec", 0], "fps": ["load", 1], "filename_prefix": f"vg_bad/{tag}", "crf": 19}},
-        "lat": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": f"vg_bad_lat/{tag}"}},
-        "srclat": {"class_type": "SaveLatent", "inputs": {"samples": ["enc", 0], "filename_prefix": f"vg_bad_src/{tag}"}},
-    }
+    """A 2-frame 64x64 edit (frames 0 and 3 of a 6-frame clip), one region on the left half,
+    plus the result and source latents saved for the checks of legal cases."""
+    prompt = edit_prompt(ckpt, "bad_src.mp4", "bad_left.png", steps=steps, end_percent=0.5, prefix=f"vg_bad/{tag}",
+                         select_every_nth=3, frame_load_cap=2, size=SIZE)
+    prompt["lat"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": f"vg_bad_lat/{tag}"}}
+    prompt["srclat"] = {"class_type": "SaveLatent", "inputs": {"samples": ["enc", 0], "filename_prefix": f"vg_bad_src/{tag}"}}
+    return prompt
 
 
 class Result(types.SimpleNamespace):

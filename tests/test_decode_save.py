@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from test_video_loader import make_video
+from vg_testlib import edit_prompt
 
 
 def probe(path):
@@ -79,35 +80,7 @@ def _write_mask_png(path, w, h):
 
 
 def chain_prompt(ckpt, video, mask_png, steps=3, **loader):
-    li = dict(video=video, skip_first_frames=0, select_every_nth=2, frame_load_cap=4, size=64, crop="center")
-    li.update(loader)
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "load": {"class_type": "VideoGrainVideoLoader", "inputs": li},
-        "mask": {"class_type": "LoadImageMask", "inputs": {"image": mask_png, "channel": "red"}},
-        "region": {"class_type": "VideoGrainRegionMask", "inputs": {"mask": ["mask", 0], "transform": ["load", 3],
-                                                                    "threshold": 0.5}},
-        "local": {"class_type": "VideoGrainLocalPrompt", "inputs": {"mask": ["region", 0], "local_prompt": "red fox"}},
-        "cond": {"class_type": "VideoGrainLayoutConditioning", "inputs": {
-            "clip": ["ckpt", 1], "global_prompt": "a red fox in the snow", "layout": ["local", 0]}},
-        "patch": {"class_type": "VideoGrainSTLayoutPatch", "inputs": {
-            "model": ["ckpt", 0], "layout": ["cond", 1], "full_frame_attention": True, "self_strength": 0.3,
-            "cross_strength": 1.0, "end_percent": 0.3, "self_branch": "uncond", "size_term": "reference",
-            "modulate_full_resolution": False}},
-        "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}},
-        "inv": {"class_type": "VideoGrainDDIMInvert", "inputs": {
-            "model": ["patch", 0], "conditioning": ["empty", 0], "latent": ["enc", 0], "steps": steps, "cfg": 1.0,
-            "use_cache": True}},
-        "sample": {"class_type": "VideoGrainSample", "inputs": {
-            "model": ["patch", 0], "positive": ["cond", 0], "negative": ["empty", 0], "inversion": ["inv", 1],
-            "cfg": 7.5, "layout": ["cond", 1], "blend": "inversion trajectory", "seed": 0}},
-        "dec": {"class_type": "VideoGrainDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2],
-                                                             "max_frames_per_chunk": 2}},
-        "save": {"class_type": "VideoGrainSaveVideo", "inputs": {
-            "images": ["dec", 0], "fps": ["load", 1], "filename_prefix": "vg_chain/edit", "crf": 19,
-            "source": ["load", 0]}},
-    }
+    return edit_prompt(ckpt, video, mask_png, steps=steps, prefix="vg_chain/edit", source=True, **loader)
 
 
 @pytest.mark.server
