@@ -15,9 +15,22 @@ DATA = os.path.join(REPO, "example_data")
 REGIONS = ("person_left", "person_right", "background", "head_left")
 
 
+FRAMES, HEIGHT, WIDTH = 24, 256, 256  # as example_data/README.md states
+
+
 def _frames():
     with av.open(os.path.join(DATA, "vtest_two_people.mp4")) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_clip_is_the_stated_h264():
+    with av.open(os.path.join(DATA, "vtest_two_people.mp4")) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.name, s.format.name) == ("h264", "yuv420p")
+        assert (s.height, s.width) == (HEIGHT, WIDTH)
+    frames = _frames()
+    assert len(frames) == FRAMES
+    assert all(f.shape == (HEIGHT, WIDTH, 3) for f in frames)
 
 
 def _masks(region):
