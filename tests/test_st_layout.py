@@ -148,3 +148,67 @@ def test_empty_keys_and_all_zero_c_are_safe():
     q, k, v, qr, kr, c = make(seed=1)
     empty = layout_attention(q, k[:, :0], v[:, :0], 3, qr, kr[:0], c)
     assert torch.equal(empty, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_worker_threads_match_and_restore_thread_count(monkeypatch, workers):
+    """CPU blocks on several worker threads: same result as one thread, torch's thread
+    count restored afterwards."""
+    q, k, v, qr, kr, c = make(b=2, lq=50, lk=40, seed=12, batched=True)
+    want = dense_reference(q, k, v, 3, qr, kr, c)
+    monkeypatch.setattr(st_layout, "_cpu_workers", lambda dev: workers)
+    threads = torch.get_num_threads()
+    got = layout_attention(q, k, v, 3, qr, kr, c, chunk_size=6)
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_worker_error_propagates(monkeypatch):
+    q, k, v, qr, kr, c = make(seed=13)
+    monkeypatch.setattr(st_layout, "_cpu_workers", lambda dev: 2)
+    monkeypatch.setattr(st_layout, "_exp_matmul", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        layout_attention(q, k, v, 3, qr, kr, c, chunk_size=5)
+    assert torch.get_num_threads() == threads
+
+
+def test_exact_max_fallback(monkeypatch):
+    """Rows whose shifted exponentials underflow are redone with the exact row max; force
+    that path for every block and check it against the reference, large logits included."""
+    monkeypatch.setattr(st_layout, "_MIN_ROW_SUM", float("inf"))
+    for scale in (1, 200):
+        q, k, v, qr, kr, c = make(seed=14)
+        q = q * scale
+        c[:4] = 1.0                              # no fold
+        got = layout_attention(q, k, v, 3, qr, kr, c, chunk_size=9)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), dense_reference(q, k, v, 3, qr, kr, c), atol=1e-4, rtol=1e-4)
+
+
+def test_far_positive_segment_with_large_bias():
+    """Positive keys far below the row max and a large bias: the upper bound of the row
+    max overshoots; the result must still be finite and match the reference."""
+    b, lq, lk, heads, d = 1, 6, 40, 1, 4
+    q = torch.zeros(b, lq, d)
+    q[..., 0] = 100.0
+    k = torch.zeros(b, lk, d)
+    k[0, :20, 0] = torch.linspace(-30, -29, 20)   # the positive keys: far below
+    k[0, 20:, 0] = torch.linspace(0, 30, 20)      # the others: the row max is here
+    v = torch.randn(b, lk, d, generator=torch.Generator().manual_seed(0))
+    qr = torch.ones(lq, 1, dtype=torch.bool)
+    kr = torch.zeros(lk, 1, dtype=torch.bool)
+    kr[:20] = True
+    c = torch.full((lq,), 0.9)
+    got = layout_attention(q, k, v, heads, qr, kr, c)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), dense_reference(q, k, v, heads, qr, kr, c), atol=1e-4, rtol=1e-4)
+
+
+def test_worker_threads_under_inference_mode(monkeypatch):
+    """The host runs under torch.inference_mode: the workers must write its tensors in it."""
+    monkeypatch.setattr(st_layout, "_cpu_workers", lambda dev: 2)
+    with torch.inference_mode():
+        q, k, v, qr, kr, c = make(seed=15)
+        got = layout_attention(q, k, v, 3, qr, kr, c, chunk_size=8)
+    torch.testing.assert_close(got.double(), dense_reference(q, k, v, 3, qr, kr, c), atol=2e-5, rtol=2e-5)

@@ -18,12 +18,24 @@ How it is computed without an [Lq, Lk] matrix for the whole input
   A = "does q share a region with signature u" is a tiny [Lq, U] table. The bias
   c * (mx - mn) * P becomes one per-row scalar added to a slice of the logits: no
   positive map is ever materialised, not even per chunk.
-- The temperature (1 - c) is folded into the query (s is linear in q), so the logits of
-  a block come out of the matmul already scaled, and the raw row range is recovered
-  as (mx' - mn') / |1 - c|.
-- Queries are processed in blocks; a block's logits live in one reused fp32 buffer (plus
-  one for the softmax). Block sizes come from a memory budget, so extra memory is
-  O(block * Lk): linear in the number of frames, never quadratic.
+- The temperature (1 - c) and log2(e) are folded into the query (s is linear in q), so
+  the logits of a block come out of the matmul already scaled and in base-2 units
+  (exp2 is ~2x cheaper than exp on CPU); the raw row range is recovered as
+  (mx' - mn') / |1 - c|.
+- A block is all heads x a run of query rows; its logits live in one reused fp32 buffer
+  and are overwritten in place: matmul, row max and min, one add per key segment (bias
+  minus an upper bound of the modulated row max, so 2**x cannot overflow), exp2 in
+  place, matmul with v, divide the [rows, d] result by the row sums. No softmax matrix.
+  If the upper bound overshoots so far that a row underflows (row sum < 1e-20; needs a
+  huge logit range), that block is redone with the exact row max.
+- Block sizes come from a memory budget, so extra memory is O(block * Lk): linear in
+  the number of frames, never quadratic.
+- CPU: the blocks are shared out to torch.get_num_threads() Python threads that each
+  run torch with ONE intra-op thread and pull the next block when done. Every torch op
+  with 2+ threads is an OpenMP fork/join that stalls whenever another process holds a
+  core; a block is ~10 ops, so the per-op version ran 8-10x slower than SDPA on a
+  loaded machine. torch's thread count is process-wide for MKL: it is set back when
+  the call returns (set CPU_THREADED_BLOCKS = False for the single-caller plan).
 - c == 0 everywhere is plain attention and goes to the fused
   torch.nn.functional.scaled_dot_product_attention.
 
@@ -36,15 +48,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20   # logits + softmax buffers of one block
-# On CPU a block's logits should stay in the last-level cache between the matmul, the
-# reductions and the softmax; a few MiB per block measured fastest (2-core EPYC, 32 MiB L3).
-CPU_BLOCK_BYTES = 8 * 2**20
+DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20   # block scratch of all workers, 2x headroom
+# CPU: logits of one block of one worker (all heads; capped by the budget). Measured on a
+# loaded 2-core EPYC (32 MiB L3): 16 MiB 1.56x SDPA, 32 and 64 MiB 1.45x (F=8).
+CPU_BLOCK_BYTES = 32 * 2**20
 MIN_CPU_BLOCK_ROWS = 32
-CPU_HEADS_PER_BLOCK = 1   # 0: all heads per block, rows from the budget (as on GPU)
+# CPU: run blocks on torch.get_num_threads() Python worker threads, one torch thread each.
+CPU_THREADED_BLOCKS = True
 # Below this |1 - c| the temperature cannot be folded into q (it would erase the logits
 # the row range is read from); such calls scale the logits after the reductions instead.
 _FOLD_EPS = 1e-4
+# A row whose exponentials (shifted by an upper bound of its max) sum below this lost
+# precision to underflow and is recomputed with the exact max.
+_MIN_ROW_SUM = 1e-20
+_LOG2E = 1.4426950408889634
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -61,28 +78,25 @@ def block_plan(batch: int, heads: int, key_length: int, device: torch.device | s
                chunk_size: int | None = None) -> tuple[int, int]:
     """(heads per block, query rows per block) for one batch element.
 
-    A block holds two fp32 buffers of heads_per_block * rows * key_length values (logits
-    and softmax), so 8 * heads_per_block * rows * key_length <= memory_budget_bytes
-    (at least one row of one head, whatever the budget).
-    GPU: all heads at once (few, large kernels). CPU: one head at a time with blocks sized
-    for the cache (the matmul / reduction / softmax passes then run from cache), capped
-    by the budget. `chunk_size` fixes the rows (still capped by the budget).
+    A block is accounted as two fp32 buffers of heads_per_block * rows * key_length values
+    (the logits, plus as much again of headroom), so
+    8 * heads_per_block * rows * key_length <= memory_budget_bytes (at least one row of
+    one head, whatever the budget). All heads at once unless one row of all heads is over
+    budget. GPU: rows from the budget (few, large kernels). CPU: rows for CPU_BLOCK_BYTES
+    of logits, capped by the budget (the caller passes budget / workers).
+    `chunk_size` fixes the rows (still capped by the budget).
     """
-    row_bytes = 2 * 4 * max(key_length, 1)   # logits + softmax, fp32
-    if torch.device(device).type == "cpu" and CPU_HEADS_PER_BLOCK:
-        hpb = min(heads, CPU_HEADS_PER_BLOCK)
+    row_bytes = 2 * 4 * max(key_length, 1)   # accounted as two fp32 rows (logits + headroom)
+    hpb = heads
+    rows = memory_budget_bytes // (row_bytes * heads)
+    if rows < 1:               # one row of all heads is over budget: split heads too
+        hpb = max(1, memory_budget_bytes // row_bytes)
+        hpb = min(heads, hpb)
         while heads % hpb:
             hpb -= 1
-        rows = max(MIN_CPU_BLOCK_ROWS, CPU_BLOCK_BYTES // (row_bytes * hpb))
-    else:
-        hpb = heads
-        rows = memory_budget_bytes // (row_bytes * heads)
-        if rows < 1:               # one row of all heads is over budget: split heads too
-            hpb = max(1, memory_budget_bytes // row_bytes)
-            hpb = min(heads, hpb)
-            while heads % hpb:
-                hpb -= 1
-            rows = 1
+        rows = 1
+    if torch.device(device).type == "cpu":
+        rows = min(rows, max(MIN_CPU_BLOCK_ROWS, CPU_BLOCK_BYTES // (4 * max(key_length, 1) * hpb)))
     if chunk_size is not None:
         rows = int(chunk_size)
     rows = min(rows, memory_budget_bytes // (row_bytes * hpb))
@@ -160,55 +174,144 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
         t = t.view(b, lk, heads, d).transpose(1, 2)
         t = t.index_select(2, order) if order is not None else t
         return t.to(torch.float32).contiguous()
-    kf, vf = heads_first(k), heads_first(v)
+    kf = heads_first(k)
+    vf = heads_first(v)
 
     # ---- per-row coefficients ---------------------------------------------------------
     one_minus_c = 1.0 - c                                               # temperature
     fold = bool((one_minus_c.abs() >= _FOLD_EPS).all())
-    q_scale = one_minus_c / math.sqrt(d) if fold else torch.full_like(c, 1.0 / math.sqrt(d))
+    # Logits are kept in base-2 units (times log2(e)): exp2 is about twice as fast as exp
+    # on CPU, and the rule is linear in s, so the result is the same.
+    q_scale = (one_minus_c if fold else torch.ones_like(c)) * (_LOG2E / math.sqrt(d))
     # raw range = (mx' - mn') * range_from_block when the temperature is folded into q
     range_from_block = c / one_minus_c.abs() if fold else c
 
-    hpb, rows = block_plan(b, heads, lk, q.device, memory_budget_bytes=memory_budget_bytes,
+    # CPU: one worker thread per torch thread, each running whole blocks with one torch
+    # thread (module docstring); each worker has its own logits buffer within the budget.
+    workers = _cpu_workers(q.device)
+    hpb, rows = block_plan(b, heads, lk, q.device, memory_budget_bytes=memory_budget_bytes // workers,
                            chunk_size=chunk_size)
-    logits_buf = _alloc_logits(hpb * rows * lk, q.device)
-    probs_buf = _alloc_logits(hpb * rows * lk, q.device)
+    if workers > 1 and 8 * hpb * rows * lk > memory_budget_bytes // workers:
+        workers = 1             # the budget has no room for two blocks: one worker
+        hpb, rows = block_plan(b, heads, lk, q.device, memory_budget_bytes=memory_budget_bytes,
+                               chunk_size=chunk_size)
     # written in the host's [B, Lq, heads, d] order, so the result needs no final copy
     out = torch.empty(b, lq, heads, d, dtype=q.dtype, device=q.device)
     qh = q.view(b, lq, heads, d).transpose(1, 2)                        # [B, heads, Lq, d] view
+    seg_bounds = [(k0, k1) for _, k0, k1 in segments if k1 > k0]
+    seg_ids = [u for u, k0, k1 in segments if k1 > k0]
+    pos_f = positive[:, :, seg_ids].to(torch.float32)                   # [1 or B, Lq, U']
 
-    for bi in range(b):
-        pos_b = positive[bi if positive.shape[0] > 1 else 0]            # [Lq, U]
-        scale_b = q_scale[bi if q_scale.shape[0] > 1 else 0]
-        range_b = range_from_block[bi if range_from_block.shape[0] > 1 else 0]
-        temp_b = one_minus_c[bi if one_minus_c.shape[0] > 1 else 0]
-        for r0 in range(0, lq, rows):
-            r1 = min(lq, r0 + rows)
-            n = r1 - r0
-            pos_blk = pos_b[r0:r1]
-            # segments some query of this block is positive with (host sync, tiny)
-            live = [seg for seg, any_pos in zip(segments, pos_blk.any(0).tolist()) if any_pos]
-            bias_coef = range_b[r0:r1, None]                             # [n, 1]
-            for h0 in range(0, heads, hpb):
-                h1 = h0 + hpb
-                # logits of the block, temperature already applied (fold) or not
-                qb = qh[bi, h0:h1, r0:r1].to(torch.float32) * scale_b[r0:r1, None]
-                s = torch.bmm(qb, kf[bi, h0:h1].transpose(1, 2),
-                              out=logits_buf[:hpb * n * lk].view(hpb, n, lk))
-                if live:
-                    spread = s.amax(-1) - s.amin(-1)                     # [hpb, n]: row range over all keys
-                    if not fold:
-                        s.mul_(temp_b[r0:r1, None])
-                    bias = spread[..., None] * bias_coef                  # c * (mx - mn), [hpb, n, 1]
-                    for u, k0, k1 in live:
-                        s[..., k0:k1].add_(bias * pos_blk[:, u, None])
-                elif not fold:
-                    s.mul_(temp_b[r0:r1, None])
-                p = probs_buf[:hpb * n * lk].view(hpb, n, lk)
-                torch.softmax(s, dim=-1, out=p)
-                o = torch.bmm(p, vf[bi, h0:h1])
-                out[bi, r0:r1, h0:h1] = o.transpose(0, 1)
+    def pick(t, bi):
+        return t[bi if t.shape[0] > 1 else 0]
+
+    def run_block(bi, r0, r1, h0, h1, logits_buf):
+        n, nh = r1 - r0, h1 - h0
+        pos_blk = pick(pos_f, bi)[r0:r1]
+        # logits of the block, all its heads in one matmul, temperature folded or not
+        qb = qh[bi, h0:h1, r0:r1].to(torch.float32) * pick(q_scale, bi)[r0:r1, None]
+        s = torch.bmm(qb, kf[bi, h0:h1].transpose(1, 2), out=logits_buf[:nh * n * lk].view(nh, n, lk))
+        mx = s.amax(-1)                                                   # [nh, n]
+        mn = s.amin(-1)
+        spread = mx - mn            # row range (of the folded logits when folded)
+        if not fold:   # temperature after the reductions (it may be ~0 or negative)
+            t = pick(one_minus_c, bi)[r0:r1]
+            mx = torch.where(t >= 0, mx * t, mn * t)                      # max of t * s
+            s.mul_(t[:, None])
+        # additive bias of each segment: c * (mx - mn) on positive ones, [nh, n, U']
+        seg_bias = (spread * pick(range_from_block, bi)[r0:r1])[..., None] * pos_blk
+        # Shift by an upper bound of the modulated row max (no overflow), folded into
+        # the bias add: one pass over the logits, then 2 ** s in place.
+        row_top = mx + seg_bias.amax(-1).clamp_min(0)
+        o, rowsum = _exp_matmul(s, seg_bounds, seg_bias - row_top[..., None], vf[bi, h0:h1])
+        if not bool((rowsum > _MIN_ROW_SUM).all()):
+            # The bound overshot the true max by so much that a row underflowed (a
+            # far-off positive segment with a large bias; rare): redo the block with
+            # the exact max of the modulated logits.
+            s = torch.bmm(qb, kf[bi, h0:h1].transpose(1, 2), out=s)
+            if not fold:
+                s.mul_(t[:, None])
+            for j, (k0, k1) in enumerate(seg_bounds):
+                s[..., k0:k1].add_(seg_bias[..., j, None])
+            s.sub_(s.amax(-1, keepdim=True))
+            s.exp2_()
+            o, rowsum = torch.bmm(s, vf[bi, h0:h1]), s.sum(-1)
+        out[bi, r0:r1, h0:h1] = (o / rowsum[..., None]).transpose(0, 1)
+
+    tasks = [(bi, r0, min(lq, r0 + rows), h0, h0 + hpb)
+             for bi in range(b) for r0 in range(0, lq, rows) for h0 in range(0, heads, hpb)]
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        buf = _alloc_logits(hpb * rows * lk, q.device)
+        for task in tasks:
+            run_block(*task, buf)
+    else:
+        _run_threaded(run_block, tasks, [_alloc_logits(hpb * rows * lk, q.device) for _ in range(workers)])
     return out.view(b, lq, inner)
+
+
+def _cpu_workers(device) -> int:
+    """Worker threads for the CPU path: torch's intra-op thread count (1 on other devices)."""
+    if torch.device(device).type != "cpu" or not CPU_THREADED_BLOCKS:
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _run_threaded(run_block, tasks, buffers) -> None:
+    """Run the blocks on len(buffers) Python threads that pull them from a shared counter.
+
+    Each worker sets torch to one intra-op thread, so a block's ~10 ops run with no
+    OpenMP fork/join (which stalls whenever another process holds a core), and a worker
+    whose core is busy simply takes fewer blocks. torch's thread setting is
+    process-wide for MKL, so it is restored when the call ends."""
+    import threading
+    n_threads = torch.get_num_threads()
+    # grad and inference mode are thread-local: the workers take the caller's (the host
+    # runs under inference_mode, where its tensors may only be written in that mode)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+    lock = threading.Lock()
+    nxt = [0]
+    errors = []
+
+    def worker(buf):
+        try:
+            torch.set_num_threads(1)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                pull(buf)
+        except BaseException as e:   # re-raised in the caller
+            errors.append(e)
+
+    def pull(buf):
+        while not errors:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= len(tasks):
+                return
+            run_block(*tasks[i], buf)
+
+    threads = [threading.Thread(target=worker, args=(buf,), daemon=True) for buf in buffers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(n_threads)
+    if errors:
+        raise errors[0]
+
+
+def _exp_matmul(s: torch.Tensor, seg_bounds, seg_shift: torch.Tensor, v: torch.Tensor):
+    """(2 ** (s + shift of each key segment) @ v, row sums), s overwritten by the powers.
+
+    s [h, n, Lk] logits in base-2 units; seg_shift [h, n, U] one additive constant per
+    row and segment; v [h, Lk, d]. (A column of ones in v would give the row sums from
+    the matmul, but a 81-wide matmul costs more than the sum.)"""
+    for j, (k0, k1) in enumerate(seg_bounds):
+        s[..., k0:k1].add_(seg_shift[..., j, None])
+    s.exp2_()
+    return torch.bmm(s, v), s.sum(-1)
 
 
 def _alloc_logits(numel: int, device) -> torch.Tensor:
