@@ -50,8 +50,9 @@ import torch.nn.functional as F
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20   # block scratch of all workers, 2x headroom
 # CPU: logits of one block of one worker (all heads; capped by the budget). Measured on a
-# loaded 2-core EPYC (32 MiB L3): 16 MiB 1.56x SDPA, 32 and 64 MiB 1.45x (F=8).
-CPU_BLOCK_BYTES = 32 * 2**20
+# loaded 2-core EPYC (32 MiB L3): F=8 16 MiB 1.56x SDPA, 32 and 64 MiB 1.45x; F=16
+# 32 MiB 1.48x, 64 MiB 1.40x. (Two workers: 2 x 64 MiB, within the default budget.)
+CPU_BLOCK_BYTES = 64 * 2**20
 MIN_CPU_BLOCK_ROWS = 32
 # CPU: run blocks on torch.get_num_threads() Python worker threads, one torch thread each.
 CPU_THREADED_BLOCKS = True
