@@ -18,7 +18,9 @@ demo:
 	@eval "$$(scripts/setup_host.sh)" && COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON scripts/demo.py $(DEMO_ARGS)
 
 bench:
-	@eval "$$(scripts/setup_host.sh)" && $$HOST_PYTHON bench/attention.py
+	@eval "$$(scripts/setup_host.sh)" && $$HOST_PYTHON bench/attention.py && \
+	  $$HOST_PYTHON bench/gpu_memory.py && \
+	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/edit.py $(BENCH_EDIT_ARGS)
 
 clean-host:
 	rm -rf .host
