@@ -25,7 +25,7 @@ from comfy_api.latest import io
 from ..videograin_core import ddim
 from ..videograin_core.inversion_cache import InversionCache, make_key, tensor_digest
 
-Inversion = io.Custom("VIDEOGRAIN_INVERSION")
+from .wire_types import INVERSION as Inversion
 DISABLE_MODULATION_KEY = "videograin_disable_modulation"
 CACHE_NAME = "videograin_cache"
 

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..videograin_core.prompt_splice import find_span, interior_tokens
 
-LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")
+from .wire_types import LAYOUT
 
 
 def _token_key(tok):

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..videograin_core.layout import Layout
 
-LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")
+from .wire_types import LAYOUT
 
 
 class VideoGrainLocalPrompt(io.ComfyNode):

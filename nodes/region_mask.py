@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..videograin_core.region_masks import CHANNELS, align_masks, read_mask_source, safe_input_path
 
-TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")
+from .wire_types import TRANSFORM
 
 _THRESHOLD = dict(default=0.5, min=0.0, max=1.0, step=0.01,
                   tooltip="mask values above this are inside the region")

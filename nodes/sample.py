@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..videograin_core import ddim
 from .ddim_invert import Inversion, check_control_hints, run_sampler
 
-Layout = io.Custom("VIDEOGRAIN_LAYOUT")
+from .wire_types import LAYOUT as Layout
 
 BLEND_TRAJECTORY = "inversion trajectory"
 BLEND_RENOISED = "re-noised source"

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..videograin_core.st_layout import layout_attention
 from ..videograin_core.st_layout_patch import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
 
-LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")
+from .wire_types import LAYOUT
 WRAPPER_KEY = "videograin_st_layout"
 
 # input_blocks.N.<i>.transformer_blocks.K, middle_block.<i>.transformer_blocks.K, output_blocks.N...

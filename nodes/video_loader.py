@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..videograin_core import video_io
 
-Transform = io.Custom("VIDEOGRAIN_TRANSFORM")
+from .wire_types import TRANSFORM as Transform
 
 # Leave a quarter of the available RAM (and at least 512 MiB) to everything else.
 MEMORY_FRACTION = 0.75
