@@ -11,6 +11,7 @@ import psutil
 from comfy_api.latest import io
 
 from ..videograin_core import video_io
+from ..videograin_core.input_paths import InputPathError, resolve_inside
 
 from .wire_types import TRANSFORM as Transform
 
@@ -38,16 +39,17 @@ def resolve_input_video(name) -> str:
     rel = name[:-len(" [input]")] if name.endswith(" [input]") else name
     if re.search(r" \[(output|temp)\]$", rel):
         raise ValueError(f"video {name!r}: only files in the input folder can be loaded; copy it to the input folder")
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
-        raise ValueError(f"video {name!r}: absolute paths are not allowed; upload the file to the input folder "
-                         "and pick it by name")
-    if ".." in re.split(r"[\\/]", rel):
-        raise ValueError(f"video {name!r}: '..' is not allowed; pick a file inside the input folder")
-    base = os.path.realpath(folder_paths.get_input_directory())
-    full = os.path.realpath(os.path.join(base, rel))
-    if os.path.commonpath([base, full]) != base:
-        raise ValueError(f"video {name!r} resolves outside the input folder (a symlink?); "
-                         "copy the file into the input folder instead")
+    messages = {
+        "absolute": f"video {name!r}: absolute paths are not allowed; upload the file to the input folder "
+                    "and pick it by name",
+        "parent": f"video {name!r}: '..' is not allowed; pick a file inside the input folder",
+        "outside": f"video {name!r} resolves outside the input folder (a symlink?); "
+                   "copy the file into the input folder instead",
+    }
+    try:
+        full = resolve_inside(folder_paths.get_input_directory(), rel)
+    except InputPathError as e:
+        raise ValueError(messages[e.reason]) from None
     if not os.path.isfile(full):
         raise ValueError(f"video {name!r} does not exist in the input folder: upload it or pick another file")
     return full

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .frame_transform import FrameTransform
+from .input_paths import InputPathError, is_inside, resolve_inside
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -81,16 +82,16 @@ def safe_input_path(base_dir: str, relative: str, what: str = "path") -> str:
     rel = (relative or "").strip()
     if not rel:
         raise ValueError(f"{what} is empty: name a file or folder inside the input folder")
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
-        raise ValueError(f"{what} {rel!r} is absolute: give a path relative to the input folder")
-    parts = re.split(r"[\\/]+", rel)
-    if ".." in parts:
-        raise ValueError(f"{what} {rel!r} leaves the input folder ('..'): give a path inside the input folder")
-    base = os.path.realpath(base_dir)
-    full = os.path.realpath(os.path.join(base, *parts))
-    if os.path.commonpath([base, full]) != base:
-        raise ValueError(f"{what} {rel!r} resolves outside the input folder (a symlink?): copy the masks into "
-                         f"the input folder")
+    messages = {
+        "absolute": f"{what} {rel!r} is absolute: give a path relative to the input folder",
+        "parent": f"{what} {rel!r} leaves the input folder ('..'): give a path inside the input folder",
+        "outside": f"{what} {rel!r} resolves outside the input folder (a symlink?): copy the masks into "
+                   f"the input folder",
+    }
+    try:
+        full = resolve_inside(base_dir, rel)
+    except InputPathError as e:
+        raise ValueError(messages[e.reason]) from None
     if not os.path.exists(full):
         raise ValueError(f"{what} {rel!r} does not exist in the input folder")
     return full
@@ -120,13 +121,12 @@ def read_image_mask(path: str, channel: str = "luminance") -> torch.Tensor:
 
 def list_sequence(folder: str, base_dir: str) -> list[str]:
     """Image files of a mask sequence, in natural order; each must stay in `base_dir`."""
-    base = os.path.realpath(base_dir)
     names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")),
                    key=_natural_key)
     files = []
     for n in names:
         full = os.path.realpath(os.path.join(folder, n))
-        if os.path.commonpath([base, full]) != base:
+        if not is_inside(base_dir, full):
             raise ValueError(f"mask file {n!r} is a link out of the input folder: copy it into the input folder")
         if os.path.isfile(full):
             files.append(full)
