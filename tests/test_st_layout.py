@@ -5,8 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videograin_core import st_layout
+from videograin_core import cpu_kernel, st_layout
 from videograin_core.st_layout import block_plan, full_attention, layout_attention
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def cpu_path(request, monkeypatch):
+    """Every test runs on both CPU paths: the fused C kernel and the plain torch ops. The
+    fused one must really be there (a failed build fails here instead of passing on the
+    fallback)."""
+    if request.param == "fused":
+        assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+    monkeypatch.setattr(st_layout, "CPU_FUSED_KERNEL", request.param == "fused")
+    return request.param
 
 
 def dense_reference(q, k, v, heads, q_regions, k_regions, c):
@@ -163,10 +174,14 @@ def test_worker_threads_match_and_restore_thread_count(monkeypatch, workers):
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
-def test_worker_error_propagates(monkeypatch):
+def test_worker_error_propagates(monkeypatch, cpu_path):
     q, k, v, qr, kr, c = make(seed=13)
     monkeypatch.setattr(st_layout, "_cpu_workers", lambda dev: 2)
-    monkeypatch.setattr(st_layout, "_exp_matmul", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    boom = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))  # noqa: E731
+    if cpu_path == "fused":
+        monkeypatch.setattr(cpu_kernel, "modulated_exp2", boom)
+    else:
+        monkeypatch.setattr(st_layout, "_exp_matmul", boom)
     threads = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="boom"):
         layout_attention(q, k, v, 3, qr, kr, c, chunk_size=5)
