@@ -66,6 +66,13 @@ def run_sampler(model, sampler_fn, extra_options, sigmas, positive, negative, cf
 def _host_fingerprint(obj):
     """Descriptions of host objects for the cache key (see inversion_cache.fingerprint)."""
     import comfy.controlnet
+    import comfy.sd
+    if isinstance(obj, comfy.sd.VAE):
+        net = obj.first_stage_model
+        return {"vae": type(net).__qualname__, "dtype": str(obj.vae_dtype),
+                "weights": [[k, tensor_digest(v, sample=True)] for k, v in sorted(net.state_dict().items())],
+                "latent_channels": obj.latent_channels, "downscale": obj.downscale_ratio,
+                "patches": obj.patcher.patches if getattr(obj, "patcher", None) is not None else None}
     if isinstance(obj, comfy.model_patcher.ModelPatcher):
         sd = obj.model.state_dict()
         # Patched weights are written into the model while it is loaded: hash the originals.
@@ -176,16 +183,21 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             raise ValueError(f"cfg is {cfg} but no negative conditioning is connected: connect one, or set cfg to 1")
         if latent is not None:
             samples = latent["samples"]
+            if samples.ndim != 4:
+                raise ValueError(f"latent must be [frames, channels, height, width], got shape {tuple(samples.shape)}")
+            samples = samples.detach().to("cpu", torch.float32).contiguous()
+            frames, source_key = samples.shape[0], {"latent": samples}
         elif images is not None:
             if vae is None:
                 raise ValueError("images are connected but no vae: connect the VAE that encodes them, or give a latent")
-            samples = encode_frames(vae, images)
+            if images.ndim != 4:
+                raise ValueError(f"images must be [frames, height, width, channels], got shape {tuple(images.shape)}")
+            # Keyed by the pixels (every value hashed) and the VAE, so a cache hit skips the encode.
+            samples, frames = None, images.shape[0]
+            source_key = {"images": tensor_digest(images, sample=False), "vae": vae}
         else:
             raise ValueError("nothing to invert: connect a latent (VAE Encode of the frames), or images and a vae")
-        if samples.ndim != 4:
-            raise ValueError(f"latent must be [frames, channels, height, width], got shape {tuple(samples.shape)}")
-        samples = samples.detach().to("cpu", torch.float32).contiguous()
-        check_control_hints(samples.shape[0], conditioning=conditioning, negative=negative)
+        check_control_hints(frames, conditioning=conditioning, negative=negative)
 
         m = model.clone()
         # Inversion reconstructs the source: full-frame attention yes, layout modulation never.
@@ -193,7 +205,7 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         sigmas = ddim_sigmas(m, steps).flip(0)  # ascending: 0, s_1, ..., s_max
         guided = not math.isclose(cfg, 1.0)
 
-        key = make_key({"latent": samples, "model": m, "conditioning": conditioning, "steps": steps,
+        key = make_key({**source_key, "model": m, "conditioning": conditioning, "steps": steps,
                         "cfg": cfg, "negative": negative if guided else None, "sigmas": sigmas},
                        hook=_host_fingerprint)
         cache = InversionCache(cache_folder())
@@ -203,6 +215,8 @@ class VideoGrainDDIMInvert(io.ComfyNode):
                 return io.NodeOutput({"samples": inv.latent.clone()}, inv)
             if status.startswith("damaged"):
                 logging.warning("VideoGrain: inversion cache entry %s was %s; recomputing", key[:12], status)
+        if samples is None:
+            samples = encode_frames(vae, images).contiguous()
 
         trajectory: list[torch.Tensor] = []
         out = run_sampler(m, ddim.sample_ddim_inversion, {"trajectory": trajectory}, sigmas, conditioning,

@@ -177,6 +177,38 @@ def test_cache_key_follows_inputs(pack, smooth, cache_dir):
     assert len(_cache_files(cache_dir)) == 6
 
 
+def test_images_input_is_keyed_by_pixels_and_vae_and_a_hit_skips_the_encode(pack, smooth, cache_dir, monkeypatch):
+    """With images + vae the key is the pixels (all of them) and the VAE: a second run of
+    the same frames neither encodes nor calls the UNet; one changed pixel, or another
+    VAE, is a miss."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 64, 64, 3, generator=g)
+    encodes = []
+    real_encode = pack.invert.encode_frames
+    monkeypatch.setattr(pack.invert, "encode_frames", lambda vae, im: encodes.append(1) or real_encode(vae, im))
+
+    def run(im, vae=smooth.vae):
+        out = pack.invert.VideoGrainDDIMInvert.execute(model=smooth.model, conditioning=smooth.empty, steps=2,
+                                                        cfg=1.0, use_cache=True, images=im, vae=vae)
+        return out.args[1]
+    first = run(images)
+    assert len(encodes) == 1 and len(_cache_files(cache_dir)) == 1
+    counter = CallCounter(smooth.model, monkeypatch)
+    again = run(images.clone())
+    assert len(encodes) == 1 and counter.n == 0, "a hit must neither encode nor call the UNet"
+    assert torch.equal(first.source, again.source) and torch.equal(first.latent, again.latent)
+    # the source latent stored in the entry is the encode of these frames
+    assert torch.equal(again.source, real_encode(smooth.vae, images))
+    changed = images.clone()
+    changed[1, 40, 17, 2] += 1e-3                   # one value of ~400k: still a new key
+    run(changed)
+    assert len(encodes) == 2 and len(_cache_files(cache_dir)) == 2
+    import comfy.sd
+    other_vae = comfy.sd.VAE(sd={k: v + 1e-3 for k, v in smooth.vae.get_sd().items()})
+    run(images, vae=other_vae)
+    assert len(encodes) == 3 and len(_cache_files(cache_dir)) == 3
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "garbage"])
 def test_damaged_cache_entry_is_recomputed(pack, smooth, cache_dir, monkeypatch, damage):
     lat = _latent(seed=4)
