@@ -203,6 +203,14 @@ def main() -> None:
     if 8 in layout_mem and 32 in layout_mem:
         print(f"layout memory growth F=8 -> F=32 (4x tokens): {layout_mem[32] / layout_mem[8]:.2f}x "
               f"(linear = 4x, quadratic = 16x)")
+    fs = sorted(layout_mem)
+    if len(fs) >= 3:
+        # Linear memory = a constant cost per extra token (a ratio of totals also moves with
+        # the fixed part, which the allocator's reuse of freed memory can even make negative)
+        per_token = [(layout_mem[b] - layout_mem[a]) / ((b - a) * GRID * GRID) / 1024 for a, b in zip(fs, fs[1:])]
+        print("layout memory per extra token, between successive F: "
+              + ", ".join(f"{x:.1f} KiB" for x in per_token)
+              + " (constant = linear; quadratic would double with every doubling of F)")
     print("~ = against the dense reference's computed need (2 fp32 [heads, L, L] + bool [L, L]), "
           "where running it would exceed the limit")
     print(f"load average at the start: {', '.join(f'{x:.2f}' for x in LOAD_AT_START)}")

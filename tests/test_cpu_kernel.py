@@ -1,4 +1,4 @@
-"""The fused CPU kernel (videograin_core/kernels/modulated_exp2.c) against torch."""
+"""The fused CPU kernel (videograin_core/kernels/online_chunk.c) against torch."""
 import os
 import subprocess
 import sys
@@ -16,79 +16,75 @@ def kernel():
     assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
 
 
-def run_kernel(s, n, bounds, temp, range_scale, positive):
-    got = s.clone()
-    rowsum = torch.empty(s.shape[0])
-    cpu_kernel.modulated_exp2(got, n, bounds, temp, range_scale, positive, rowsum)
-    return got, rowsum
+def run_chunks(chunks, n, temp):
+    """Feed the chunks (one segment) through the kernel and through the torch reference."""
+    rows = chunks[0].shape[0]
+    got_state, want_state = cpu_kernel.new_state(rows), cpu_kernel.new_state(rows)
+    alpha = torch.empty(rows)
+    for s in chunks:
+        got = s.clone()
+        rescaled = cpu_kernel.online_chunk(got, n, temp, got_state["seg_max"], got_state["seg_sum"],
+                                           got_state["row_max"], got_state["row_min"], alpha)
+        want, want_alpha = cpu_kernel.reference_chunk(s, n, temp, want_state)
+        yield got, alpha.clone(), rescaled, want, want_alpha, got_state, want_state
 
 
 @pytest.mark.parametrize("lk", [1, 7, 8, 15, 16, 17, 33, 100, 1031])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_torch_for_every_tail_length(lk, seed):
-    """Row lengths around the 8- and 16-wide vector steps, several segments (some of a
-    single key), temperatures folded (1), unfolded, zero and negative."""
+    """Chunk lengths around the 8- and 16-wide vector steps, three chunks in a row (the
+    running max rises, stays, rises), temperatures folded (1), unfolded, zero, negative."""
     g = torch.Generator().manual_seed(seed)
     n, heads = 6, 2
-    cuts = sorted(set(torch.randint(1, lk, (3,), generator=g).tolist())) if lk > 1 else []
-    bounds = torch.tensor([0] + cuts + [lk], dtype=torch.int64)
-    nseg = bounds.numel() - 1
-    s = torch.randn(heads * n, lk, generator=g) * 10
     temp = torch.tensor([1.0, 0.7, 0.0, -0.5, 1.0, 1e-5])
-    range_scale = torch.rand(n, generator=g) * 2
-    positive = (torch.rand(n, nseg, generator=g) > 0.5).float()
-    got, rowsum = run_kernel(s, n, bounds, temp, range_scale, positive)
-    want, want_sum = cpu_kernel.reference(s, n, bounds, temp, range_scale, positive)
-    # fp32 arguments of size ~100 (logits x10, biases up to 2x the row range) round to
-    # ~1e-5 relative; the reference is fp64
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(rowsum.double(), want_sum, atol=0, rtol=1e-5)
-    assert (rowsum >= 1.0 - 1e-5).all()        # the exact max: the top key contributes 2**0 (+- rounding)
+    chunks = [torch.randn(heads * n, lk, generator=g) * scale for scale in (3.0, 1.0, 10.0)]
+    for i, (got, alpha, rescaled, want, want_alpha, gs, ws) in enumerate(run_chunks(chunks, n, temp)):
+        # fp32 arguments of size ~30 round to ~1e-6 relative; the reference is fp64
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(alpha.double(), want_alpha, atol=1e-5, rtol=0)
+        assert rescaled == int((want_alpha != 1).sum())
+        for k in gs:
+            torch.testing.assert_close(gs[k].double(), ws[k].double(), atol=1e-5, rtol=1e-5)
+        if i == 0:
+            assert torch.equal(alpha, torch.zeros_like(alpha))     # first chunk: nothing to rescale
+        assert (got <= 1.0 + 1e-6).all() and (got >= 0).all()     # shifted by the running max
 
 
 def test_exp2_accuracy_and_underflow():
-    """One segment, temperature 1, no bias: the kernel is 2 ** (s - max s). Over the whole
-    fp32 exponent range the polynomial must agree with torch.exp2 to ~fp32 precision,
-    and values below 2**-126 come out as exactly 0 (never denormal garbage or NaN)."""
+    """One chunk, temperature 1: the kernel writes 2 ** (s - max s). Over the whole fp32
+    exponent range the polynomial must agree with torch.exp2 to ~fp32 precision, and
+    values below 2**-126 come out as exactly 0 (never denormal garbage or NaN)."""
     x = torch.linspace(-140.0, 0.0, 70001)
-    s = x[None].clone()
-    got, rowsum = run_kernel(s, 1, torch.tensor([0, x.numel()]), torch.ones(1), torch.zeros(1),
-                             torch.zeros(1, 1))
+    ((got, *_),) = list(run_chunks([x[None].clone()], 1, torch.ones(1)))
     want = torch.exp2(x.double())
     normal = x > -125.9
     rel = ((got[0].double() - want).abs() / want)[normal]
     assert rel.max().item() < 1e-6
     assert torch.equal(got[0][x < -127.0], torch.zeros(int((x < -127.0).sum())))
     assert torch.isfinite(got).all() and (got >= 0).all()
-    assert rowsum.item() == pytest.approx(want[normal].sum().item(), rel=1e-5)
 
 
 def test_huge_logit_range_stays_finite():
     g = torch.Generator().manual_seed(3)
-    s = torch.randn(8, 300, generator=g) * 1e4
-    bounds = torch.tensor([0, 100, 300])
-    got, rowsum = run_kernel(s, 4, bounds, torch.tensor([1.0, -1.0, 0.3, 0.0]), torch.ones(4),
-                             torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
-    assert torch.isfinite(got).all() and torch.isfinite(rowsum).all()
-    assert (rowsum >= 0.99).all()              # the top key ~2**0 (fp32 rounding at 1e5 is ~1e-2)
+    chunks = [torch.randn(8, 300, generator=g) * 1e4 for _ in range(3)]
+    for got, alpha, _, _, _, gs, _ in run_chunks(chunks, 4, torch.tensor([1.0, -1.0, 0.3, 0.0])):
+        assert torch.isfinite(got).all() and torch.isfinite(alpha).all()
+        assert all(torch.isfinite(t).all() for t in gs.values())
+        assert (gs["seg_sum"] >= 0.99).all()        # the top key contributes ~2**0
 
 
 def test_bad_arguments_are_refused():
     s = torch.randn(4, 10)
-    ok = dict(n=2, bounds=torch.tensor([0, 4, 10]), temp=torch.ones(2), range_scale=torch.ones(2),
-              positive=torch.ones(2, 2))
-    with pytest.raises(ValueError, match="segment bounds"):
-        run_kernel(s, **{**ok, "bounds": torch.tensor([0, 4, 4, 10]), "positive": torch.ones(2, 3)})
-    with pytest.raises(ValueError, match="segment bounds"):
-        run_kernel(s, **{**ok, "bounds": torch.tensor([0, 4, 9])})
+    st = cpu_kernel.new_state(4)
+    args = dict(n=2, temp=torch.ones(2), alpha=torch.empty(4), **st)
     with pytest.raises(ValueError, match="inconsistent"):
-        run_kernel(s, **{**ok, "positive": torch.ones(2, 3)})
+        cpu_kernel.online_chunk(s, **{**args, "temp": torch.ones(3)})
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu_kernel.online_chunk(s, **{**args, "alpha": torch.empty(5)})
     with pytest.raises(ValueError, match="contiguous fp32"):
-        cpu_kernel.modulated_exp2(s.t().contiguous().t(), 2, ok["bounds"], ok["temp"], ok["range_scale"],
-                                  ok["positive"], torch.empty(4))
+        cpu_kernel.online_chunk(s.t().contiguous().t(), **args)
     with pytest.raises(ValueError, match="contiguous fp32"):
-        cpu_kernel.modulated_exp2(s.double(), 2, ok["bounds"], ok["temp"], ok["range_scale"],
-                                  ok["positive"], torch.empty(4))
+        cpu_kernel.online_chunk(s.double(), **args)
 
 
 def test_build_is_cached_per_user_and_source(tmp_path):
@@ -99,7 +95,7 @@ def test_build_is_cached_per_user_and_source(tmp_path):
             "sys.exit(0 if cpu_kernel.available() else cpu_kernel.unavailable_reason())")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
     built = list((tmp_path / "k").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("modulated_exp2-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("online_chunk-") and built[0].suffix == ".so"
     assert (tmp_path / "k").stat().st_mode & 0o077 == 0
     mtime = built[0].stat().st_mtime_ns
     env["CC"] = "/nonexistent/cc"      # no compiler now: must load the cached build

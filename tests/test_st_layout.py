@@ -9,15 +9,19 @@ from videograin_core import cpu_kernel, st_layout
 from videograin_core.st_layout import block_plan, full_attention, layout_attention
 
 
-@pytest.fixture(autouse=True, params=["fused", "torch"])
+@pytest.fixture(autouse=True, params=["fused", "fused-tiny-chunks", "torch"])
 def cpu_path(request, monkeypatch):
-    """Every test runs on both CPU paths: the fused C kernel and the plain torch ops. The
-    fused one must really be there (a failed build fails here instead of passing on the
-    fallback)."""
-    if request.param == "fused":
+    """Every test runs on the CPU paths: the fused C kernel with its key chunks (default,
+    and 5 keys: many chunks per segment, running maxima that rise mid-segment) and the
+    plain torch ops. The fused one must really be there (a failed build fails here
+    instead of passing on the fallback)."""
+    fused = request.param.startswith("fused")
+    if fused:
         assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
-    monkeypatch.setattr(st_layout, "CPU_FUSED_KERNEL", request.param == "fused")
-    return request.param
+    if request.param == "fused-tiny-chunks":
+        monkeypatch.setattr(st_layout, "FUSED_CPU_KEY_CHUNK", 5)
+    monkeypatch.setattr(st_layout, "CPU_FUSED_KERNEL", fused)
+    return "fused" if fused else "torch"
 
 
 def dense_reference(q, k, v, heads, q_regions, k_regions, c):
@@ -179,7 +183,7 @@ def test_worker_error_propagates(monkeypatch, cpu_path):
     monkeypatch.setattr(st_layout, "_cpu_workers", lambda dev: 2)
     boom = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))  # noqa: E731
     if cpu_path == "fused":
-        monkeypatch.setattr(cpu_kernel, "modulated_exp2", boom)
+        monkeypatch.setattr(cpu_kernel, "online_chunk", boom)
     else:
         monkeypatch.setattr(st_layout, "_exp_matmul", boom)
     threads = torch.get_num_threads()

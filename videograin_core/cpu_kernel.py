@@ -1,6 +1,6 @@
-"""The fused CPU kernel for the element-wise middle of an ST-Layout attention block.
+"""The fused CPU kernel of ST-Layout attention: the per-key-chunk online update.
 
-`kernels/modulated_exp2.c` (plain C, no dependencies) is compiled on first use with the
+`kernels/online_chunk.c` (plain C, no dependencies) is compiled on first use with the
 machine's C compiler into a per-user cache folder and loaded with ctypes. Where there is
 no compiler (a typical Windows install), the build fails, or the self-check disagrees
 with torch, `available()` is False and st_layout keeps its torch path: same results,
@@ -28,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "modulated_exp2.c")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "online_chunk.c")
 # No -ffast-math (see the source); the two flags below only allow what the kernel does anyway.
 BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
 
@@ -75,7 +75,7 @@ def _build() -> str:
     for extra in (["-march=native"], []):        # native first; some compilers lack it
         flags = BASE_FLAGS + extra
         key = hashlib.sha256(source + repr((flags, _cpu_signature())).encode()).hexdigest()[:16]
-        path = os.path.join(folder, f"modulated_exp2-{key}.so")
+        path = os.path.join(folder, f"online_chunk-{key}.so")
         if os.path.exists(path):
             return path
         options.append((flags, path))
@@ -103,47 +103,56 @@ def _build() -> str:
 def _load():
     path = _build()
     lib = ctypes.CDLL(path)              # ctypes.CDLL releases the GIL during calls
-    fn = lib.vg_modulated_exp2
+    fn = lib.vg_online_chunk
     fn.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p]
+    fn.argtypes = [p, i64, i64, i64, p, p, p, p, p, p]
     _self_check(fn)
     return fn
 
 
-def reference(s, n, bounds, temp, range_scale, positive):
-    """The same computation in torch (the kernel's self-check and the tests use it).
-    s [rows, lk] -> (2 ** (modulated - row max) [rows, lk], row sums [rows]), fp64."""
-    s = s.double()
-    rows, lk = s.shape
-    q = torch.arange(rows) % n
-    t, rs, pos = temp.double()[q], range_scale.double()[q], positive.double()[q]
-    spread = rs * (s.amax(-1) - s.amin(-1))
-    sizes = (bounds[1:] - bounds[:-1]).tolist()
-    bias = torch.repeat_interleave(spread[:, None] * pos, torch.tensor(sizes), dim=1)
-    m = t[:, None] * s + bias
-    e = torch.exp2(m - m.amax(-1, keepdim=True))
-    return e, e.sum(-1)
+def new_state(rows: int) -> dict:
+    """Running state of one segment over its chunks, and of the row (see the C source)."""
+    return {"seg_max": torch.full((rows,), -3.4e38), "seg_sum": torch.zeros(rows),
+            "row_max": torch.full((rows,), -3.4e38), "row_min": torch.full((rows,), 3.4e38)}
+
+
+def reference_chunk(s, n, temp, state):
+    """online_chunk in plain torch (fp64 math, the state updated in place): the kernel's
+    self-check and the tests compare against it. Returns (2 ** (temp * s - m_new), alpha)."""
+    rows = s.shape[0]
+    t = temp.double()[torch.arange(rows) % n]
+    x = s.double()
+    state["row_max"].copy_(torch.maximum(state["row_max"].double(), x.amax(1)))
+    state["row_min"].copy_(torch.minimum(state["row_min"].double(), x.amin(1)))
+    m_old = state["seg_max"].double()
+    m_new = torch.maximum(m_old, (t[:, None] * x).amax(1))
+    alpha = torch.exp2(m_old - m_new)
+    p = torch.exp2(t[:, None] * x - m_new[:, None])
+    state["seg_sum"].copy_(state["seg_sum"].double() * alpha + p.sum(1))
+    state["seg_max"].copy_(m_new)
+    return p, alpha
 
 
 def _self_check(fn) -> None:
+    """Three chunks of one segment through the kernel and through torch: they must agree."""
     g = torch.Generator().manual_seed(0)
-    n, heads, lk = 5, 3, 203                           # odd sizes: vector tails are exercised
-    s = torch.randn(heads * n, lk, generator=g) * 20
-    bounds = torch.tensor([0, 17, 150, lk], dtype=torch.int64)
+    n, heads = 5, 3                                     # odd sizes: vector tails are exercised
     temp = torch.tensor([1.0, 0.5, -0.3, 1.0, 0.0])
-    range_scale = torch.rand(n, generator=g)
-    positive = (torch.rand(n, 3, generator=g) > 0.5).float()
-    want, want_sum = reference(s, n, bounds, temp, range_scale, positive)
-    rowsum = torch.empty(heads * n)
-    got = s.clone()
-    if fn(got.data_ptr(), heads * n, n, lk, bounds.data_ptr(), 3, temp.data_ptr(), range_scale.data_ptr(),
-          positive.data_ptr(), rowsum.data_ptr()) != 0:
-        raise RuntimeError("self-check: the kernel refused valid input")
-    err = (got.double() - want).abs().max().item()
-    err_sum = ((rowsum.double() - want_sum).abs() / want_sum).max().item()
-    if not (err < 1e-5 and err_sum < 1e-5):
-        raise RuntimeError(f"self-check: the kernel disagrees with torch (max error {err:.2e}, row sums {err_sum:.2e})")
+    got_state, want_state = new_state(heads * n), new_state(heads * n)
+    alpha = torch.empty(heads * n)
+    for lk, scale in ((37, 5.0), (203, 20.0), (8, 1.0)):
+        s = torch.randn(heads * n, lk, generator=g) * scale
+        want, want_alpha = reference_chunk(s, n, temp, want_state)
+        got = s.clone()
+        if fn(got.data_ptr(), heads * n, n, lk, temp.data_ptr(), *(got_state[k].data_ptr() for k in
+              ("seg_max", "seg_sum", "row_max", "row_min")), alpha.data_ptr()) < 0:
+            raise RuntimeError("self-check: the kernel refused valid input")
+        err = max((got.double() - want).abs().max().item(), (alpha.double() - want_alpha).abs().max().item())
+        err = max([err] + [((got_state[k] - want_state[k]).abs() / want_state[k].abs().clamp_min(1)).max().item()
+                           for k in got_state])
+        if not err < 1e-5:
+            raise RuntimeError(f"self-check: the kernel disagrees with torch (max error {err:.2e})")
 
 
 def function():
@@ -172,20 +181,22 @@ def unavailable_reason() -> str | None:
     return _state.get("error")
 
 
-def modulated_exp2(s: torch.Tensor, n: int, bounds: torch.Tensor, temp: torch.Tensor,
-                   range_scale: torch.Tensor, positive: torch.Tensor, rowsum: torch.Tensor) -> None:
-    """In place: s [rows, lk] fp32 contiguous (CPU) <- 2 ** (modulated logits - row max);
-    rowsum [rows] <- the row sums. bounds int64 [U+1] (no empty segment); temp, range_scale
-    fp32 [n]; positive fp32 [n, U]. Row r belongs to query r % n."""
+def online_chunk(s: torch.Tensor, n: int, temp: torch.Tensor, seg_max: torch.Tensor, seg_sum: torch.Tensor,
+                 row_max: torch.Tensor, row_min: torch.Tensor, alpha: torch.Tensor) -> int:
+    """One key chunk (inside one segment) of the online form, in place (see the C source):
+    s [rows, lk] <- 2 ** (temp * s - m_new); seg_max / seg_sum / row_max / row_min [rows]
+    updated; alpha [rows] <- the factor for the segment's output accumulator. Returns the
+    number of rows whose alpha is not 1."""
     fn = function()
     rows, lk = s.shape
-    for name, t in (("s", s), ("temp", temp), ("range_scale", range_scale), ("positive", positive),
-                    ("rowsum", rowsum)):
+    for name, t in (("s", s), ("temp", temp), ("seg_max", seg_max), ("seg_sum", seg_sum), ("row_max", row_max),
+                    ("row_min", row_min), ("alpha", alpha)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"{name}: needs a contiguous fp32 CPU tensor")
-    if (bounds.dtype != torch.int64 or not bounds.is_contiguous() or temp.numel() != n
-            or range_scale.numel() != n or positive.shape != (n, bounds.numel() - 1) or rowsum.numel() != rows):
-        raise ValueError("modulated_exp2: inconsistent shapes")
-    if fn(s.data_ptr(), rows, n, lk, bounds.data_ptr(), bounds.numel() - 1, temp.data_ptr(),
-          range_scale.data_ptr(), positive.data_ptr(), rowsum.data_ptr()) != 0:
-        raise ValueError("modulated_exp2: segment bounds must rise from 0 to lk with no empty segment")
+    if temp.numel() != n or any(t.numel() != rows for t in (seg_max, seg_sum, row_max, row_min, alpha)):
+        raise ValueError("online_chunk: inconsistent shapes")
+    rescaled = fn(s.data_ptr(), rows, n, lk, temp.data_ptr(), seg_max.data_ptr(), seg_sum.data_ptr(),
+                  row_max.data_ptr(), row_min.data_ptr(), alpha.data_ptr())
+    if rescaled < 0:
+        raise ValueError("online_chunk: empty chunk or no queries")
+    return rescaled

@@ -28,11 +28,15 @@ How it is computed without an [Lq, Lk] matrix for the whole input
   place, matmul with v, divide the [rows, d] result by the row sums. No softmax matrix.
   If the upper bound overshoots so far that a row underflows (row sum < 1e-20; needs a
   huge logit range), that block is redone with the exact row max.
-- CPU with a C compiler: the middle of a block (row max / min, bias, shift, exp2, row
-  sums) is one fused C kernel (cpu_kernel.py, kernels/modulated_exp2.c) that makes two
-  passes over each row while it sits in L2, with the exact modulated row max (no redo
-  needed). Its blocks are one head x FUSED_CPU_BLOCK_ROWS rows, taken head by head. The
-  two matmuls stay with torch (MKL). Without a compiler: the torch ops above.
+- CPU with a C compiler: blocks of one head x FUSED_CPU_BLOCK_ROWS queries, and within
+  a block the keys in chunks of FUSED_CPU_KEY_CHUNK, flash-attention style, so logits
+  never leave the cache (the whole-row version above streams each block through memory
+  five times). The bias of a segment needs the range of the whole row, which is only
+  known after the last chunk; so each segment keeps its own running max, sum and output
+  and the biases weigh the segments at the end (`_online_block`). The per-chunk update
+  (row max / min, segment max, exp2 in place, sum, rescale factor) is one C kernel
+  (cpu_kernel.py, kernels/online_chunk.c); the matmuls stay with torch (MKL). Without
+  a compiler: the whole-row torch ops above.
 - Block sizes come from a memory budget, so extra memory is O(block * Lk): linear in
   the number of frames, never quadratic.
 - CPU: the blocks are shared out to torch.get_num_threads() Python threads that each
@@ -61,11 +65,13 @@ DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20   # block scratch of all workers, 2x h
 # 32 MiB 1.48x, 64 MiB 1.40x. (Two workers: 2 x 64 MiB, within the default budget.)
 CPU_BLOCK_BYTES = 64 * 2**20
 MIN_CPU_BLOCK_ROWS = 32
-# CPU with the fused kernel: blocks of one head x this many query rows, taken head by
-# head, so the workers share that head's keys and values in the L3 cache. Measured on the
-# 2-core EPYC (32 MiB L3), 2 workers, against SDPA: F=8 1x128 1.07x, 1x256 1.10x, all
-# heads x 256 1.24x; F=16 1x128 1.11x, 1x256 1.09x; F=32 1x64 1.33x, 1x256 1.20x.
+# CPU with the fused kernel: blocks of one head x FUSED_CPU_BLOCK_ROWS queries, keys in
+# chunks of FUSED_CPU_KEY_CHUNK (a 2 MiB logits chunk: cache-resident). Measured on the
+# 2-core EPYC (1 MiB L2 per core, 32 MiB L3), 2 workers, against SDPA: F=8 256x2048 1.06x,
+# 128x2048 1.17x, 256x4096 1.08x; F=32 256x2048 1.04x, 128x2048 1.16x, 512x2048 1.03x.
+# (Whole rows, no key chunks: F=8 1.07x but F=32 1.30x: the logits spill out of cache.)
 FUSED_CPU_BLOCK_ROWS = 256
+FUSED_CPU_KEY_CHUNK = 2048
 # CPU: run blocks on torch.get_num_threads() Python worker threads, one torch thread each.
 CPU_THREADED_BLOCKS = True
 # CPU: the element-wise middle of a block (row max / min, bias, exp2, row sum) in one fused
@@ -215,11 +221,12 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     # thread (module docstring); each worker has its own logits buffer within the budget.
     workers = _cpu_workers(q.device)
     fused = q.device.type == "cpu" and CPU_FUSED_KERNEL and cpu_kernel.available()
-    hpb, rows = block_plan(b, heads, lk, q.device, memory_budget_bytes=memory_budget_bytes // workers,
+    span = min(lk, FUSED_CPU_KEY_CHUNK) if fused else lk      # logits columns a block holds
+    hpb, rows = block_plan(b, heads, span, q.device, memory_budget_bytes=memory_budget_bytes // workers,
                            chunk_size=chunk_size, fused_cpu=fused)
-    if workers > 1 and 8 * hpb * rows * lk > memory_budget_bytes // workers:
+    if workers > 1 and 8 * hpb * rows * span > memory_budget_bytes // workers:
         workers = 1             # the budget has no room for two blocks: one worker
-        hpb, rows = block_plan(b, heads, lk, q.device, memory_budget_bytes=memory_budget_bytes,
+        hpb, rows = block_plan(b, heads, span, q.device, memory_budget_bytes=memory_budget_bytes,
                                chunk_size=chunk_size, fused_cpu=fused)
     # written in the host's [B, Lq, heads, d] order, so the result needs no final copy
     out = torch.empty(b, lq, heads, d, dtype=q.dtype, device=q.device)
@@ -227,10 +234,8 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     seg_bounds = [(k0, k1) for _, k0, k1 in segments if k1 > k0]
     seg_ids = [u for u, k0, k1 in segments if k1 > k0]
     pos_f = positive[:, :, seg_ids].to(torch.float32).contiguous()      # [1 or B, Lq, U']
-    if fused:
-        seg_edges = torch.tensor([0] + [k1 for _, k1 in seg_bounds], dtype=torch.int64)
-        kernel_temp = (torch.ones_like(c) if fold else one_minus_c).contiguous()
-        kernel_range = range_from_block.contiguous()
+    # the temperature still to apply to the logits (1 where it is folded into q)
+    kernel_temp = (torch.ones_like(c) if fold else one_minus_c).contiguous()
 
     def pick(t, bi):
         return t[bi if t.shape[0] > 1 else 0]
@@ -240,14 +245,12 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
         pos_blk = pick(pos_f, bi)[r0:r1]
         # logits of the block, all its heads in one matmul, temperature folded or not
         qb = qh[bi, h0:h1, r0:r1].to(torch.float32) * pick(q_scale, bi)[r0:r1, None]
-        s = torch.bmm(qb, kf[bi, h0:h1].transpose(1, 2), out=logits_buf[:nh * n * lk].view(nh, n, lk))
-        if fused:   # reductions, bias, exact max, exp2 and sums in two passes per row
-            rowsum = torch.empty(nh * n, dtype=torch.float32)
-            cpu_kernel.modulated_exp2(s.view(nh * n, lk), n, seg_edges, pick(kernel_temp, bi)[r0:r1],
-                                      pick(kernel_range, bi)[r0:r1], pos_blk, rowsum)
-            o = torch.bmm(s, vf[bi, h0:h1])
-            out[bi, r0:r1, h0:h1] = (o / rowsum.view(nh, n, 1)).transpose(0, 1)
+        if fused:
+            o = _online_block(qb, kf[bi, h0:h1], vf[bi, h0:h1], seg_bounds, pick(kernel_temp, bi)[r0:r1],
+                              pick(range_from_block, bi)[r0:r1], pos_blk, logits_buf)
+            out[bi, r0:r1, h0:h1] = o.transpose(0, 1)
             return
+        s = torch.bmm(qb, kf[bi, h0:h1].transpose(1, 2), out=logits_buf[:nh * n * lk].view(nh, n, lk))
         mx = s.amax(-1)                                                   # [nh, n]
         mn = s.amin(-1)
         spread = mx - mn            # row range (of the folded logits when folded)
@@ -281,12 +284,52 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
              for bi in range(b) for h0 in range(0, heads, hpb) for r0 in range(0, lq, rows)]
     workers = min(workers, len(tasks))
     if workers <= 1:
-        buf = _alloc_logits(hpb * rows * lk, q.device)
+        buf = _alloc_logits(hpb * rows * span, q.device)
         for task in tasks:
             run_block(*task, buf)
     else:
-        _run_threaded(run_block, tasks, [_alloc_logits(hpb * rows * lk, q.device) for _ in range(workers)])
+        _run_threaded(run_block, tasks, [_alloc_logits(hpb * rows * span, q.device) for _ in range(workers)])
     return out.view(b, lq, inner)
+
+
+def _online_block(qb, kb, vb, seg_bounds, temp, range_coef, positive, buf, chunk=None):
+    """One block on the CPU, keys in chunks (flash-attention style) with the fused kernel.
+
+    qb [h, n, d] scaled queries; kb, vb [h, Lk, d] keys / values in segment order;
+    seg_bounds [(k0, k1)] the non-empty segments; temp, range_coef [n]; positive [n, U].
+    Each segment u keeps m_u (running max of temp * s), sum_u and o_u (running sums of
+    2 ** (temp * s - m_u) and of that times v): the bias of a segment needs the range of
+    the whole row, so it is applied at the end, where
+        bias_u = range_coef * (row max - row min) * positive[:, u]
+        w_u    = 2 ** (m_u + bias_u - max_u (m_u + bias_u))
+        out    = sum_u w_u o_u / sum_u w_u sum_u.
+    Logits of one chunk live in `buf` (h * n * chunk floats): memory does not grow with Lk."""
+    chunk = chunk or FUSED_CPU_KEY_CHUNK
+    h, n, d = qb.shape
+    rows = h * n
+    seg_max = torch.full((len(seg_bounds), rows), -3.4e38)
+    seg_sum = torch.zeros(len(seg_bounds), rows)
+    row_max = torch.full((rows,), -3.4e38)
+    row_min = torch.full((rows,), 3.4e38)
+    alpha = torch.empty(rows)
+    acc = torch.empty(len(seg_bounds), h, n, d)
+    for j, (k0, k1) in enumerate(seg_bounds):
+        for c0 in range(k0, k1, chunk):
+            c1 = min(k1, c0 + chunk)
+            s = torch.bmm(qb, kb[:, c0:c1].transpose(1, 2), out=buf[:rows * (c1 - c0)].view(h, n, c1 - c0))
+            # in place: s <- 2 ** (temp * s - m_u); m_u, sum_u, row max / min updated
+            rescaled = cpu_kernel.online_chunk(s.view(rows, c1 - c0), n, temp, seg_max[j], seg_sum[j],
+                                               row_max, row_min, alpha)
+            if c0 == k0:
+                torch.bmm(s, vb[:, c0:c1], out=acc[j])
+            else:
+                if rescaled:                 # the running max rose: o_u *= 2 ** (m_old - m_new)
+                    acc[j].mul_(alpha.view(h, n, 1))
+                acc[j].baddbmm_(s, vb[:, c0:c1])
+    bias = (range_coef.repeat(h) * (row_max - row_min)) * positive.T.repeat(1, h)   # [U, rows]
+    logw = seg_max + bias
+    w = torch.exp2(logw - logw.amax(0))
+    return (acc * w.view(-1, h, n, 1)).sum(0) / (seg_sum * w).sum(0).view(h, n, 1)
 
 
 def _cpu_workers(device) -> int:

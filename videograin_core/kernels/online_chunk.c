@@ -1,19 +1,21 @@
-/* The element-wise middle of one ST-Layout attention block, fused (CPU).
+/* The element-wise part of ST-Layout attention on the CPU, fused: one key chunk at a time,
+ * flash-attention style, so a block's logits never leave the cache.
  *
- * Input: s [rows, lk] fp32, the block's logits in base-2 units, rows = heads x n query rows
- * (row r belongs to query r % n). Keys are sorted so that region signature u is the
- * contiguous segment [bounds[u], bounds[u+1]); per query i: temp[i] (the temperature
- * 1 - c when it was not folded into q, else 1), range_scale[i] (turns the row range of s
- * into the bias coefficient) and positive[i, u] (0 or 1: does the query share a region
- * with segment u).
+ * The rule (METHOD.md section 2), per query row, logits s in base-2 units:
+ *     s'[k] = temp * s[k] + bias[u(k)],  bias[u] = range_scale * (max s - min s) * P[u]
+ *     out   = sum_k 2 ** s'[k] v[k] / sum_k 2 ** s'[k]
+ * Keys are sorted by region signature ("segment" u), so the bias is constant on each
+ * segment, but it needs the range of the WHOLE row. So each segment keeps its own running
+ * max m_u (of temp * s), sum_u = sum 2 ** (temp * s - m_u) and output o_u = sum
+ * 2 ** (temp * s - m_u) v, plus the raw row max / min; after the last chunk the segments
+ * are combined with weights 2 ** (m_u + bias_u - top) (in torch, st_layout.py).
  *
- * Per row, with mx / mn the row max / min of s:
- *     bias[u] = range_scale * (mx - mn) * positive[u]
- *     m[k]    = temp * s[k] + bias[u(k)]          (the modulated logits, METHOD.md sec. 2)
- *     s[k]   <- 2 ** (m[k] - max_k m[k]),  rowsum = sum_k s[k]
- * Two passes over a row (per-segment max / min, then exp2 and sum) while it sits in the
- * L2 cache, instead of five whole-block tensor passes in torch. The exact modulated max
- * comes from the per-segment extremes, so no row can underflow.
+ * This file does the per-chunk update: for a chunk of keys inside ONE segment (the
+ * caller computes its logits s [rows, lk] with a matmul; row r belongs to query r % n):
+ * update the raw row max / min and the segment's m and sum, write 2 ** (temp * s - m_new)
+ * in place (the caller multiplies it with the chunk's values), and alpha =
+ * 2 ** (m_old - m_new), the factor the caller rescales o_u by. Two passes over each row
+ * (max / min, then exp2 and sum) while the chunk sits in L2.
  *
  * Plain C (gcc/clang vector extensions), no dependencies, no libm. No -ffast-math: with
  * -shared, gcc links crtfastmath, which flushes denormals for the whole process. The
@@ -127,38 +129,28 @@ static float exp2_segment(float *x, int64_t n, float t, float shift) {
     return total;
 }
 
-#define MAX_SEGMENTS 256
-
-/* Returns 0, or -1 when the segments are not usable (the caller then takes the torch path). */
-int vg_modulated_exp2(float *s, int64_t rows, int64_t n, int64_t lk,
-                      const int64_t *bounds, int64_t nseg,
-                      const float *temp, const float *range_scale, const float *positive,
-                      float *rowsum) {
-    if (nseg < 1 || nseg > MAX_SEGMENTS || n < 1 || bounds[0] != 0 || bounds[nseg] != lk) return -1;
-    for (int64_t u = 0; u < nseg; u++)
-        if (bounds[u + 1] <= bounds[u]) return -1;      /* empty segments are dropped by the caller */
-    float smax[MAX_SEGMENTS], smin[MAX_SEGMENTS];
+/* One key chunk inside one segment (see the top of the file). seg_max starts at -FLT_MAX
+ * (alpha is then 0), seg_sum at 0, row_max at -FLT_MAX, row_min at FLT_MAX. Returns the
+ * number of rows whose alpha is not 1 (the caller skips the rescale when none), or -1 for
+ * bad sizes. */
+int vg_online_chunk(float *s, int64_t rows, int64_t n, int64_t lk, const float *temp,
+                    float *seg_max, float *seg_sum, float *row_max, float *row_min, float *alpha) {
+    if (n < 1 || lk < 1) return -1;
+    int64_t changed = 0;
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * lk;
-        int64_t i = r % n;
-        float t = temp[i];
-        float mx = -3.4e38f, mn = 3.4e38f;
-        for (int64_t u = 0; u < nseg; u++) {
-            segment_extremes(x + bounds[u], bounds[u + 1] - bounds[u], &smax[u], &smin[u]);
-            mx = smax[u] > mx ? smax[u] : mx;
-            mn = smin[u] < mn ? smin[u] : mn;
-        }
-        float spread = range_scale[i] * (mx - mn);
-        float top = -3.4e38f;            /* exact max of the modulated row */
-        for (int64_t u = 0; u < nseg; u++) {
-            float seg_top = (t >= 0.0f ? t * smax[u] : t * smin[u]) + spread * positive[i * nseg + u];
-            top = seg_top > top ? seg_top : top;
-        }
-        float total = 0.0f;
-        for (int64_t u = 0; u < nseg; u++)
-            total += exp2_segment(x + bounds[u], bounds[u + 1] - bounds[u], t,
-                                  spread * positive[i * nseg + u] - top);
-        rowsum[r] = total;
+        float t = temp[r % n], cmax, cmin;
+        segment_extremes(x, lk, &cmax, &cmin);
+        row_max[r] = cmax > row_max[r] ? cmax : row_max[r];
+        row_min[r] = cmin < row_min[r] ? cmin : row_min[r];
+        float ctop = t >= 0.0f ? t * cmax : t * cmin;
+        float m_old = seg_max[r];
+        float m_new = ctop > m_old ? ctop : m_old;
+        float a = m_new > m_old ? exp2_nonpos(m_old - m_new) : 1.0f;
+        changed += m_new > m_old;
+        seg_sum[r] = seg_sum[r] * a + exp2_segment(x, lk, t, -m_new);
+        seg_max[r] = m_new;
+        alpha[r] = a;
     }
-    return 0;
+    return (int)changed;
 }
