@@ -133,3 +133,17 @@ def test_disabled_by_environment(tmp_path):
             "assert 'VIDEOGRAIN_CPU_KERNEL' in cpu_kernel.unavailable_reason()")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
     assert not (tmp_path / "k").exists()
+
+
+def test_self_check_rejects_a_wrong_kernel():
+    """A library that loads but computes something else (a broken compiler, a stale file)
+    must be refused by the load-time self-check, so st_layout stays on the torch path."""
+    def does_nothing(*args):
+        return 0
+
+    def refuses(*args):
+        return -1
+    with pytest.raises(RuntimeError, match="disagrees"):
+        cpu_kernel._self_check(does_nothing)
+    with pytest.raises(RuntimeError, match="refused"):
+        cpu_kernel._self_check(refuses)
