@@ -19,12 +19,13 @@ How it is measured (honest, and why)
   alternating, so load from other processes on the machine hits both alike. The ratio
   layout/sdpa is the number to read; absolute seconds depend on the machine.
 - Peak memory: each (method, F) runs in a fresh subprocess. After the inputs exist and a
-  small warm-up call has loaded the kernels, the process's RSS high-water mark
-  (VmHWM in /proc/self/status, monotonic per process) is read; after one full-size
-  call it is read again. The difference is the extra peak memory of the call, output
-  tensor included, in the same units for every method. Allocator caching cannot hide
-  memory from a high-water mark, and a fresh process per measurement keeps one
-  method's peak from masking another's.
+  small warm-up call has loaded the kernels, freed heap memory is returned to the OS
+  (malloc_trim) and the RSS high-water mark (VmHWM in /proc/self/status) is reset to the
+  current RSS; after one full-size call the high-water mark is read. The difference is
+  the extra peak memory of the call, output tensor included, in the same units for every
+  method (without the reset, memory freed earlier and reused by the call would hide).
+  Allocator caching cannot hide memory from a high-water mark, and a fresh process per
+  measurement keeps one method's peak from masking another's.
 """
 from __future__ import annotations
 
@@ -115,13 +116,44 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def settle_and_reset_peak() -> int | None:
+    """Return freed heap memory to the OS (malloc_trim) and reset the RSS high-water mark
+    to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0). Returns that
+    RSS in bytes, or None where either is not possible: then the high-water before the
+    call is the baseline, which undercounts a call that reuses memory freed earlier."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    hwm, rss = status_kib("VmHWM"), status_kib("VmRSS")
+    if rss is None or hwm is None or hwm - rss > 1024:    # the reset did not take
+        return None
+    return hwm * 1024
+
+
 def measure_memory_child(method: str, frames: int) -> None:
     """Runs in a fresh process: print the extra RSS high-water of one call as JSON."""
     q, k, v, r, c = make_inputs(frames)
     small = make_inputs(1)
     METHODS[method](*small)                       # load kernels / thread pools at small size
     del small
-    before = peak_rss_bytes()
+    before = settle_and_reset_peak()
+    if before is None:
+        before = peak_rss_bytes()
     out = METHODS[method](q, k, v, r, c)
     after = peak_rss_bytes()
     print(json.dumps({"extra_peak": after - before, "finite": bool(torch.isfinite(out).all())}))
