@@ -111,9 +111,12 @@ def _load():
     return fn
 
 
-def new_state(rows: int) -> dict:
-    """Running state of one segment over its chunks, and of the row (see the C source)."""
-    return {"seg_max": torch.full((rows,), -3.4e38), "seg_sum": torch.zeros(rows),
+def new_state(rows: int, segments: int | None = None) -> dict:
+    """Running state before the first chunk (the starting values the C source expects):
+    per segment a max and a sum ([rows], or [segments, rows] for several segments), and
+    the raw row max / min."""
+    seg_shape = (rows,) if segments is None else (segments, rows)
+    return {"seg_max": torch.full(seg_shape, -3.4e38), "seg_sum": torch.zeros(seg_shape),
             "row_max": torch.full((rows,), -3.4e38), "row_min": torch.full((rows,), 3.4e38)}
 
 

@@ -74,8 +74,8 @@ FUSED_CPU_BLOCK_ROWS = 256
 FUSED_CPU_KEY_CHUNK = 2048
 # CPU: run blocks on torch.get_num_threads() Python worker threads, one torch thread each.
 CPU_THREADED_BLOCKS = True
-# CPU: the element-wise middle of a block (row max / min, bias, exp2, row sum) in one fused
-# C kernel (cpu_kernel.py) where the machine can build it; else the torch ops below.
+# CPU: keys in chunks with the fused C kernel (`_online_block`, cpu_kernel.py) where the
+# machine can build it; else the whole-row torch ops in `run_block`.
 CPU_FUSED_KERNEL = True
 # Below this |1 - c| the temperature cannot be folded into q (it would erase the logits
 # the row range is read from); such calls scale the logits after the reductions instead.
@@ -292,7 +292,7 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return out.view(b, lq, inner)
 
 
-def _online_block(qb, kb, vb, seg_bounds, temp, range_coef, positive, buf, chunk=None):
+def _online_block(qb, kb, vb, seg_bounds, temp, range_coef, positive, buf):
     """One block on the CPU, keys in chunks (flash-attention style) with the fused kernel.
 
     qb [h, n, d] scaled queries; kb, vb [h, Lk, d] keys / values in segment order;
@@ -303,14 +303,13 @@ def _online_block(qb, kb, vb, seg_bounds, temp, range_coef, positive, buf, chunk
         bias_u = range_coef * (row max - row min) * positive[:, u]
         w_u    = 2 ** (m_u + bias_u - max_u (m_u + bias_u))
         out    = sum_u w_u o_u / sum_u w_u sum_u.
-    Logits of one chunk live in `buf` (h * n * chunk floats): memory does not grow with Lk."""
-    chunk = chunk or FUSED_CPU_KEY_CHUNK
+    Logits of one chunk live in `buf` (h * n * FUSED_CPU_KEY_CHUNK floats): memory does not
+    grow with Lk."""
+    chunk = FUSED_CPU_KEY_CHUNK
     h, n, d = qb.shape
     rows = h * n
-    seg_max = torch.full((len(seg_bounds), rows), -3.4e38)
-    seg_sum = torch.zeros(len(seg_bounds), rows)
-    row_max = torch.full((rows,), -3.4e38)
-    row_min = torch.full((rows,), 3.4e38)
+    state = cpu_kernel.new_state(rows, len(seg_bounds))
+    seg_max, seg_sum, row_max, row_min = state["seg_max"], state["seg_sum"], state["row_max"], state["row_min"]
     alpha = torch.empty(rows)
     acc = torch.empty(len(seg_bounds), h, n, d)
     for j, (k0, k1) in enumerate(seg_bounds):
