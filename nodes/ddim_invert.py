@@ -68,9 +68,8 @@ def _host_fingerprint(obj):
     import comfy.controlnet
     import comfy.sd
     if isinstance(obj, comfy.sd.VAE):
-        net = obj.first_stage_model
-        return {"vae": type(net).__qualname__, "dtype": str(obj.vae_dtype),
-                "weights": [[k, tensor_digest(v, sample=True)] for k, v in sorted(net.state_dict().items())],
+        # the network is an nn.Module: fingerprinted by type and sampled weight digests
+        return {"vae": obj.first_stage_model, "dtype": str(obj.vae_dtype),
                 "latent_channels": obj.latent_channels, "downscale": obj.downscale_ratio,
                 "patches": obj.patcher.patches if getattr(obj, "patcher", None) is not None else None}
     if isinstance(obj, comfy.model_patcher.ModelPatcher):
@@ -216,7 +215,7 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             if status.startswith("damaged"):
                 logging.warning("VideoGrain: inversion cache entry %s was %s; recomputing", key[:12], status)
         if samples is None:
-            samples = encode_frames(vae, images).contiguous()
+            samples = encode_frames(vae, images)
 
         trajectory: list[torch.Tensor] = []
         out = run_sampler(m, ddim.sample_ddim_inversion, {"trajectory": trajectory}, sigmas, conditioning,
