@@ -14,7 +14,7 @@ from importlib import import_module
 
 import pytest
 import torch
-from vg_testlib import load_script
+from vg_testlib import load_script, pack_modules
 
 
 # ---------------------------------------------------------------- fixtures
@@ -30,13 +30,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pack(comfy_host):
-    name = comfy_host.pack.__name__
-    return type("Pack", (), {
-        "invert": import_module(name + ".nodes.ddim_invert"),
-        "sample": import_module(name + ".nodes.sample"),
-        "layout": import_module(name + ".videograin_core.layout"),
-        "cache": import_module(name + ".videograin_core.inversion_cache"),
-    })
+    return pack_modules(comfy_host, invert="nodes.ddim_invert", sample="nodes.sample",
+                        layout="videograin_core.layout", cache="videograin_core.inversion_cache")
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,15 @@
 each local prompt's own embeddings spliced in at its span, through the host's CLIP."""
 from __future__ import annotations
 
-from importlib import import_module
 
 import pytest
 import torch
+from vg_testlib import pack_modules
 
 
 @pytest.fixture(scope="module")
 def pack(comfy_host):
-    name = comfy_host.pack.__name__
-    return type("Pack", (), {
-        "splice": import_module(name + ".videograin_core.prompt_splice"),
-        "layout": import_module(name + ".videograin_core.layout"),
-    })
+    return pack_modules(comfy_host, splice="videograin_core.prompt_splice", layout="videograin_core.layout")
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,17 @@ images; paths stay inside the input folder."""
 from __future__ import annotations
 
 import os
-from importlib import import_module
 
 import numpy as np
 import pytest
 import torch
+from vg_testlib import pack_modules
 
 
 @pytest.fixture(scope="module")
 def core(comfy_host):
-    name = comfy_host.pack.__name__
-    return type("Core", (), {
-        "ft": import_module(name + ".videograin_core.frame_transform"),
-        "rm": import_module(name + ".videograin_core.region_masks"),
-        "layout": import_module(name + ".videograin_core.layout"),
-    })
+    return pack_modules(comfy_host, ft="videograin_core.frame_transform", rm="videograin_core.region_masks",
+                        layout="videograin_core.layout")
 
 
 def _node(comfy_host, node_id):

@@ -21,6 +21,15 @@ def comfyui_path() -> str:
     return path
 
 
+def pack_modules(comfy_host, **paths):
+    """The pack's modules as the host imported them: pack_modules(host, cache="videograin_core.
+    inversion_cache").cache. (The host imports the pack under its folder name.)"""
+    from importlib import import_module
+    from types import SimpleNamespace
+    name = comfy_host.pack.__name__
+    return SimpleNamespace(**{k: import_module(f"{name}.{v}") for k, v in paths.items()})
+
+
 def load_script(name: str):
     """Import scripts/<name>.py (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(f"videograin_scripts_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
