@@ -103,19 +103,6 @@ def dense_bytes(frames: int) -> int:
     return 2 * HEADS * lt * lt * 4 + lt * lt
 
 
-def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark (VmHWM). Not getrusage's ru_maxrss: a child made
-    with fork+exec starts with the parent's high-water there, which would hide its own."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -125,6 +112,15 @@ def status_kib(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM). Not getrusage's ru_maxrss: a child made
+    with fork+exec starts with the parent's high-water there, which would hide its own."""
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def settle_and_reset_peak() -> int | None:
