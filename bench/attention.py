@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from videograin_core.region_layout import RegionLayout, treg  # noqa: E402
 from videograin_core.st_layout import layout_attention  # noqa: E402
+
+from proc_memory import peak_rss_bytes, settle_and_reset_peak  # noqa: E402  (bench/ is sys.path[0])
 
 HEADS, DIM, GRID = 8, 80, 32
 LOAD_AT_START = os.getloadavg()
@@ -101,44 +102,6 @@ def dense_bytes(frames: int) -> int:
     logits, then modulated logits and softmax) + the positive map (bool [L, L])."""
     lt = frames * GRID * GRID
     return 2 * HEADS * lt * lt * 4 + lt * lt
-
-
-def status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark (VmHWM). Not getrusage's ru_maxrss: a child made
-    with fork+exec starts with the parent's high-water there, which would hide its own."""
-    hwm = status_kib("VmHWM")
-    if hwm is not None:
-        return hwm * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def settle_and_reset_peak() -> int | None:
-    """Return freed heap memory to the OS (malloc_trim) and reset the RSS high-water mark
-    to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0). Returns that
-    RSS in bytes, or None where either is not possible: then the high-water before the
-    call is the baseline, which undercounts a call that reuses memory freed earlier."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    hwm, rss = status_kib("VmHWM"), status_kib("VmRSS")
-    if rss is None or hwm is None or hwm - rss > 1024:    # the reset did not take
-        return None
-    return hwm * 1024
 
 
 def measure_memory_child(method: str, frames: int) -> None:
