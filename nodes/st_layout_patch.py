@@ -4,8 +4,11 @@ videograin_core.st_layout_patch; this node finds the transformer blocks, chains 
 replace already registered, and checks inputs before sampling starts."""
 from __future__ import annotations
 
+import logging
+import os
 import re
 
+import torch
 from comfy_api.latest import io
 
 from ..videograin_core.st_layout import layout_attention
@@ -38,6 +41,50 @@ def _host_attention(q, k, v, extra_options):
     return attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                          attn_precision=extra_options.get("attn_precision"),
                                          transformer_options=extra_options)
+
+
+FRAMES_ATTENTION_ENV = "VIDEOGRAIN_FULL_FRAME_ATTENTION"
+_announced: set = set()
+
+
+def _torch_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def frames_attention_kernel(device: torch.device):
+    """The host attention function that runs the unmodulated self-attention over all frames.
+
+    On the CPU the host uses its sub-quadratic fallback unless told otherwise. That
+    function sizes its query chunks to free memory and holds [chunk x all keys] logits per
+    head: right for one frame's keys, but with F frames' keys its memory grows with F
+    squared (about 1 GiB for 64 frames of 8x8 tokens) and it runs 3-4x slower than torch's
+    fused CPU kernel. There the host's own SDPA function (registered as "pytorch") takes
+    its place. A choice the user made (--use-quad/split-cross-attention, any GPU setup) is
+    kept, and so is everything when VIDEOGRAIN_FULL_FRAME_ATTENTION=host."""
+    import comfy.ldm.modules.attention as attention
+    from comfy.cli_args import args
+
+    chosen = attention.optimized_attention
+    if os.environ.get(FRAMES_ATTENTION_ENV, "").strip().lower() == "host":
+        return chosen
+    sub_quad = attention.get_attention_function("sub_quad", None)
+    sdpa = attention.get_attention_function("pytorch", None)
+    if (device.type == "cpu" and chosen is sub_quad and sdpa is not None and _torch_version() >= (2, 3)
+            and not args.use_quad_cross_attention and not args.use_split_cross_attention):
+        if "cpu" not in _announced:
+            _announced.add("cpu")
+            logging.info("VideoGrain: self-attention over all frames uses the host's pytorch (SDPA) attention on "
+                         "the CPU instead of sub-quadratic attention (memory linear in the frame count); "
+                         "%s=host keeps the host's choice", FRAMES_ATTENTION_ENV)
+        return sdpa
+    return chosen
+
+
+def _frames_attention(q, k, v, extra_options):
+    fn = frames_attention_kernel(q.device)
+    return fn(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+              transformer_options=extra_options)
 
 
 def _existing(model_options: dict, which: str, key: tuple):
@@ -106,7 +153,8 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
         if getattr(layout, "regions", None) is None:
             raise ValueError("layout: expected a VIDEOGRAIN_LAYOUT from VideoGrain Layout Conditioning")
         model_sampling = model.get_model_object("model_sampling")
-        runtime = STLayoutRuntime(layout, options, _host_attention, model_sampling.timestep, layout_attention)
+        runtime = STLayoutRuntime(layout, options, _host_attention, model_sampling.timestep, layout_attention,
+                                  frames_attention=_frames_attention)
 
         patched = model.clone()
         for key in blocks:

@@ -63,17 +63,19 @@ def close(a, b, rel=1e-5):
     return float((a - b).abs().max()) <= rel * float(a.abs().max())
 
 
-def reference_full_frame(model):
+def reference_full_frame(model, kernel=None):
     """An independent full-frame self-attention: each cond/uncond chunk's frames are one
-    sequence of F*h*w tokens, attended with the host's own attention."""
+    sequence of F*h*w tokens, attended with one of the host's attention functions (default:
+    the one the host chose at start-up)."""
     import comfy.ldm.modules.attention as attention
+    kernel = kernel or attention.optimized_attention
 
     def attn1(q, k, v, extra):
         n = len(extra["cond_or_uncond"])
         b, lq, c = q.shape
         f = b // n
-        o = attention.optimized_attention(q.reshape(n, f * lq, c), k.reshape(n, f * lq, c), v.reshape(n, f * lq, c),
-                                          extra["n_heads"], attn_precision=extra.get("attn_precision"))
+        o = kernel(q.reshape(n, f * lq, c), k.reshape(n, f * lq, c), v.reshape(n, f * lq, c),
+                   extra["n_heads"], attn_precision=extra.get("attn_precision"))
         return o.reshape(b, lq, c)
 
     m = model.clone()
@@ -97,10 +99,100 @@ def test_strength_zero_without_full_frame_is_bit_identical(env, plain):
 
 
 def test_strength_zero_with_full_frame_equals_a_plain_full_frame_run(env, plain):
-    ref = sample(env, reference_full_frame(env["model"]))
+    import comfy.ldm.modules.attention as attention
+    mod = import_module(env["pack"] + ".nodes.st_layout_patch")
     out = sample(env, patch(env, self_strength=0.0, cross_strength=0.0))
-    assert torch.equal(out, ref)
+    # bit-identical to the same kernel the patch picks for calls over all frames ...
+    kernel = mod.frames_attention_kernel(torch.device("cpu"))
+    assert torch.equal(out, sample(env, reference_full_frame(env["model"], kernel)))
+    # ... and equal up to float reassociation to the host's own choice (sub-quadratic on the CPU)
+    assert close(out, sample(env, reference_full_frame(env["model"], attention.optimized_attention)), rel=1e-4)
     assert not torch.equal(out, plain)  # full-frame attention does change the result
+
+
+def test_full_frame_attention_kernel_choice(env, monkeypatch):
+    """On the CPU the host's default sub-quadratic attention is replaced by its SDPA function
+    for calls over all frames; a user's explicit choice and other devices keep the host's."""
+    import comfy.ldm.modules.attention as attention
+    from comfy.cli_args import args
+    mod = import_module(env["pack"] + ".nodes.st_layout_patch")
+    cpu = torch.device("cpu")
+    assert attention.optimized_attention is attention.get_attention_function("sub_quad")  # the host's CPU default
+    assert mod.frames_attention_kernel(cpu) is attention.get_attention_function("pytorch")
+    assert mod.frames_attention_kernel(torch.device("cuda")) is attention.optimized_attention
+    monkeypatch.setattr(args, "use_quad_cross_attention", True)
+    assert mod.frames_attention_kernel(cpu) is attention.optimized_attention
+    monkeypatch.setattr(args, "use_quad_cross_attention", False)
+    monkeypatch.setenv(mod.FRAMES_ATTENTION_ENV, "host")
+    assert mod.frames_attention_kernel(cpu) is attention.optimized_attention
+
+
+def test_calls_over_all_frames_go_to_the_frames_kernel(env):
+    """Routing inside the runtime: the unmodulated self-attention over all frames (whole
+    call, or the chunks left over beside a modulated one) goes to frames_attention; per-frame
+    self-attention and cross-attention to the host's; a chained replace takes all of them."""
+    rt_mod = import_module(env["pack"] + ".videograin_core.st_layout_patch")
+    calls = []
+
+    def kernel(name):
+        def fn(q, k, v, extra):
+            calls.append((name, tuple(q.shape), k.shape[1]))
+            return torch.zeros(q.shape[0], q.shape[1], v.shape[2])
+        return fn
+
+    def layout_attention(q, k, v, heads, qr, kr, cw):
+        calls.append(("layout", tuple(q.shape), k.shape[1]))
+        return torch.zeros(q.shape[0], q.shape[1], v.shape[2])
+
+    h = w = LATENT // 2  # a modulated grid (halved once)
+    extra = {"cond_or_uncond": [0, 1], "n_heads": 2, "activations_shape": [2 * FRAMES, 8, h, w],
+             "original_shape": [2 * FRAMES, 4, LATENT, LATENT], "sigmas": torch.tensor([14.6]),
+             "sample_sigmas": torch.tensor([14.6, 1.0, 0.0])}
+    q = torch.randn(2 * FRAMES, h * w, 8)
+
+    def run(options, previous=None, which="attn1", k=q):
+        calls.clear()
+        rt = rt_mod.STLayoutRuntime(env["layout"], options, kernel("host"), lambda s: torch.tensor([999.0]),
+                                    layout_attention, frames_attention=kernel("frames"))
+        fn = (rt.make_attn1 if which == "attn1" else rt.make_attn2)(previous)
+        out = fn(q, k, k, extra)
+        assert out.shape == q.shape
+        return list(calls)
+
+    all_frames = FRAMES * h * w
+    assert run(rt_mod.PatchOptions(self_strength=0.0)) == [("frames", (2, all_frames, 8), all_frames)]
+    # the uncond chunk modulated, the cond chunk (the rest) over all frames
+    assert run(rt_mod.PatchOptions(self_branch="uncond")) == [("layout", (1, all_frames, 8), all_frames),
+                                                               ("frames", (1, all_frames, 8), all_frames)]
+    assert run(rt_mod.PatchOptions(self_strength=0.0, full_frame_attention=False)) == [
+        ("host", (2 * FRAMES, h * w, 8), h * w)]
+    text = torch.randn(2 * FRAMES, env["raw_layout"].token_count or 77, 8)
+    assert [c[0] for c in run(rt_mod.PatchOptions(cross_strength=0.0), which="attn2", k=text)] == ["host"]
+    assert [c[0] for c in run(rt_mod.PatchOptions(self_strength=0.0), previous=kernel("chained"))] == ["chained"]
+
+
+def test_full_frame_attention_memory_is_linear_in_frames(env):
+    """64 frames of 8x8 tokens, cond+uncond, 8 heads: one self-attention call over all
+    frames. The host's sub-quadratic CPU attention would hold [4096 x 4096] fp32 logits for
+    16 batch-heads (1 GiB, plus its softmax); the patch's call holds about its output."""
+    import comfy.ldm.modules.attention as attention
+    from vg_testlib import load_script
+    mem = load_script("proc_memory", folder="bench")
+    replaced = patch(env, self_strength=0.0, cross_strength=0.0).model_options["transformer_options"]["patches_replace"]
+    attn1 = next(iter(replaced["attn1"].values()))  # any block: unmodulated, all alike
+    frames, hw, c, heads = 64, 64, 320, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2 * frames, hw, c, generator=g) for _ in range(3))
+    extra = {"cond_or_uncond": [1, 0], "n_heads": heads}
+    base = mem.settle_and_reset_peak()
+    assert base is not None, "this test needs Linux /proc/self/clear_refs"
+    out = attn1(q, k, v, extra)
+    extra_peak = mem.peak_rss_bytes() - base
+    assert extra_peak < 128 * 2**20, f"{extra_peak / 2**20:.0f} MiB for one full-frame attention call"
+    want = attention.attention_sub_quad(q.reshape(2, frames * hw, c), k.reshape(2, frames * hw, c),
+                                        v.reshape(2, frames * hw, c), heads)
+    assert close(out, want.reshape(out.shape), rel=1e-5)
+
 
 
 def test_modulation_changes_the_output_only_while_active(env):

@@ -30,9 +30,9 @@ def pack_modules(comfy_host, **paths):
     return SimpleNamespace(**{k: import_module(f"{name}.{v}") for k, v in paths.items()})
 
 
-def load_script(name: str):
-    """Import scripts/<name>.py (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"videograin_scripts_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
+def load_script(name: str, folder: str = "scripts"):
+    """Import <folder>/<name>.py (scripts/ and bench/ are not packages)."""
+    spec = importlib.util.spec_from_file_location(f"videograin_{folder}_{name}", os.path.join(REPO, folder, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -95,7 +95,12 @@ class STLayoutRuntime:
     """Shared by the attn1/attn2 functions of one patched model."""
 
     def __init__(self, layout: Layout, options: PatchOptions, host_attention: AttnFn,
-                 timestep_fn: Callable[[torch.Tensor], torch.Tensor], layout_attention: Callable):
+                 timestep_fn: Callable[[torch.Tensor], torch.Tensor], layout_attention: Callable,
+                 frames_attention: AttnFn | None = None):
+        """host_attention runs what the host would run anyway (per-frame self-attention,
+        cross-attention); frames_attention (default: host_attention) runs the unmodulated
+        self-attention over all frames, which only this patch asks for: F times the keys,
+        so it wants a kernel whose memory is linear in the key count."""
         if layout.spans is None:
             raise ValueError("layout: it has no token spans; pass it through VideoGrain Layout Conditioning first "
                              "and wire that node's layout output here")
@@ -104,6 +109,7 @@ class STLayoutRuntime:
         self.layout = layout
         self.options = options
         self.host_attention = host_attention
+        self.frames_attention = frames_attention or host_attention
         self.timestep_fn = timestep_fn
         self.layout_attention = layout_attention
         self._grids: dict = {}
@@ -227,6 +233,7 @@ class STLayoutRuntime:
 
     def make_attn1(self, previous: AttnFn | None) -> AttnFn:
         inner = previous or self.host_attention
+        frames_inner = previous or self.frames_attention  # a chained replace stays the kernel
         opts = self.options
 
         def attn1(q, k, v, extra_options):
@@ -248,12 +255,14 @@ class STLayoutRuntime:
                 q2 = q.reshape(n, frames * lq, c)
                 k2 = k.reshape(n, frames * k.shape[1], k.shape[2])
                 v2 = v.reshape(n, frames * v.shape[1], v.shape[2])
+                plain = frames_inner
             else:
                 q2, k2, v2 = q, k, v
+                plain = inner
             if not mod_chunks:
                 # A chained replace gets the regrouped [chunks, F*hw, C] tensors: it stays the
                 # attention kernel, full-frame attention is this patch's own doing.
-                out = inner(q2, k2, v2, extra_options)
+                out = plain(q2, k2, v2, extra_options)
                 return out.reshape(q.shape[0], lq, -1)
 
             terms = self.grid(grid[0], grid[1], frames, q.device)
@@ -265,7 +274,7 @@ class STLayoutRuntime:
                 rows = [i * frames + f for i in mod_chunks for f in range(frames)]
                 qr = kr = terms.frame_regions.repeat(len(mod_chunks), 1, 1)
                 cw = ((opts.self_strength * weight) * terms.self_size_frame).repeat(len(mod_chunks), 1)
-            out = self._split_run(q2, k2, v2, rows, inner, extra_options,
+            out = self._split_run(q2, k2, v2, rows, plain, extra_options,
                                   lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw.to(qq.dtype)))
             return out.reshape(q.shape[0], lq, -1)
 
