@@ -1,7 +1,8 @@
 """Region Mask nodes: one region's mask per frame, lined up with the loaded frames.
 
 Both nodes take the Video Loader's VIDEOGRAIN_TRANSFORM and put the mask through the same
-frame selection, resize and crop as the frames (videograin_core.region_masks.align_masks).
+frame selection, resize and crop as the frames (videograin_core.region_masks.align_mask_frames),
+one frame at a time.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core.region_masks import CHANNELS, align_masks, read_mask_source, safe_input_path
+from ..videograin_core.region_masks import CHANNELS, align_mask_frames, align_masks, open_mask_source, safe_input_path
 
 from .wire_types import TRANSFORM
 
@@ -91,8 +92,8 @@ class VideoGrainRegionMaskFromFile(io.ComfyNode):
     def execute(cls, path, transform, threshold=0.5, channel="luminance") -> io.NodeOutput:
         import folder_paths
         full = cls._resolve(path)
-        masks = read_mask_source(full, folder_paths.get_input_directory(), channel)
-        return _out(align_masks(masks, transform, threshold, what=f"mask {path!r}"))
+        count, frames = open_mask_source(full, folder_paths.get_input_directory(), channel)
+        return _out(align_mask_frames(frames, transform, threshold, what=f"mask {path!r}", count=count))
 
 
 NODES = [VideoGrainRegionMask, VideoGrainRegionMaskFromFile]

@@ -87,6 +87,79 @@ def test_crop_none_and_square(comfy_host, core):
         assert torch.equal(out.bool(), _expected(t, masks))
 
 
+def source_frame(i, h, w):
+    """A soft block that moves with the frame index, at source size."""
+    m = torch.zeros(h, w)
+    m[100 + 5 * i: 700 + 5 * i, 200 + 10 * i: 900 + 10 * i] = 0.8
+    return m
+
+
+_MEASURE = """
+import json, sys, torch
+from proc_memory import peak_rss_bytes, settle_and_reset_peak
+from videograin_core import frame_transform as ft, region_masks as rm
+w, h, n = 1920, 1080, 120
+t = ft.plan_transform((w, h), n, skip_first=0, every_nth=4, frame_cap=0, short_side=64, crop="center")
+base = settle_and_reset_peak()
+out = rm.align_mask_frames((source_frame(i, h, w) for i in range(n)), t, 0.5, "mask")
+print(json.dumps({"base": base, "extra": peak_rss_bytes() - (base or 0), "shape": list(out.shape)}))
+"""
+
+
+def test_mask_frames_are_aligned_one_at_a_time(core):
+    """A long full-HD mask source through align_mask_frames (the file node's path): the peak
+    memory stays near the result, where the 120 source frames alone would be 950 MiB of
+    float32; and every frame matches the per-frame reference.
+
+    Measured in a fresh process with glibc's mmap threshold fixed at 64 KiB, so that every
+    large buffer goes back to the system when freed and the high-water mark is what was
+    alive at once (with the default dynamic threshold the heap keeps a few hundred MiB of
+    freed frames, which says nothing about this code)."""
+    import inspect
+    import json
+    import subprocess
+    import sys
+
+    from vg_testlib import REPO
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "bench")]))
+    script = _MEASURE.replace("import json, sys, torch\n", "import json, sys, torch\n" + inspect.getsource(source_frame))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["base"] is not None, "this test needs Linux /proc/self/clear_refs"
+    assert r["shape"] == [30, 64, 112]
+    assert r["extra"] < 96 * 2**20, f"{r['extra'] / 2**20:.0f} MiB to align 120 full-HD mask frames"
+
+    w, h, n = 1920, 1080, 24
+    t = core.ft.plan_transform((w, h), n, skip_first=1, every_nth=3, frame_cap=0, short_side=64, crop="center")
+    out = core.rm.align_mask_frames((source_frame(i, h, w) for i in range(n)), t, 0.5, "mask")  # count unknown
+    assert out.shape == (len(t.frame_indices), t.size[1], t.size[0]) and out.dtype == torch.bool
+    for j, i in enumerate(t.frame_indices):
+        want = t.apply_spatial(source_frame(i, h, w)[None, None], mode="nearest")[0, 0] > 0.5
+        assert torch.equal(out[j], want)
+    assert out.any(dim=(1, 2)).all()
+
+
+def test_mask_frame_errors_name_the_frame_and_stop_early(core):
+    t = _transform(core)
+    frames = [torch.zeros(24, 40)] * 3 + [torch.zeros(20, 40)] + [torch.zeros(24, 40)] * 2
+    with pytest.raises(ValueError, match=r"mask 'm': frame 3 is 40x20 but frame 0 is 40x24"):
+        core.rm.align_mask_frames(iter(frames), t, what="mask 'm'")
+    read = []
+
+    def counted():
+        for m in frames:
+            read.append(1)
+            yield m
+    # a known count that fits nothing fails before a frame is read
+    with pytest.raises(ValueError, match=r"has 4 frames but the video has 6 source frames"):
+        core.rm.align_mask_frames(counted(), t, count=4)
+    assert not read
+    with pytest.raises(ValueError, match=r"mask has no frames"):
+        core.rm.align_mask_frames(iter([]), t)
+
+
 def _write_png(path, arr):
     from PIL import Image
     Image.fromarray((arr * 255).astype(np.uint8), mode="L").save(path)

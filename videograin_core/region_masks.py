@@ -2,14 +2,16 @@
 
 Masks come at the video's source size and frame count (a mask video, a folder of
 per-frame PNGs, a segmentation node run on the source frames) or already at the loaded
-clip's size. `align_masks` puts either through the Video Loader's FrameTransform, so a
-mask always covers the same pixels as the frame it belongs to, whatever the resize and
-crop did.
+clip's size. `align_mask_frames` puts either through the Video Loader's FrameTransform, so
+a mask always covers the same pixels as the frame it belongs to, whatever the resize and
+crop did; it takes the frames one at a time, so a long or large mask source is never held
+whole at its own size.
 """
 from __future__ import annotations
 
 import os
 import re
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,15 +32,68 @@ def binarize(mask: torch.Tensor, threshold: float) -> torch.Tensor:
     return mask > threshold
 
 
-def align_masks(mask: torch.Tensor, transform: FrameTransform, threshold: float = 0.5,
-                what: str = "mask") -> torch.Tensor:
-    """Binarise a [N, H, W] (or [H, W]) mask and put it through the clip's transform.
+def _frame_selection(n: int, transform: FrameTransform, what: str) -> list[int] | None:
+    """Which of n mask frames the clip uses: None for all of them (n is the clip's frame
+    count, or 1 for every frame), the transform's picks when n is the source's count."""
+    if n == transform.frame_count or n == 1:
+        return None
+    if n == transform.source_frame_count:
+        return list(transform.frame_indices)
+    raise ValueError(f"{what} has {n} frames but the video has {transform.source_frame_count} source frames "
+                     f"({transform.frame_count} loaded): give one mask per source frame, one per loaded frame, "
+                     f"or a single mask for all frames")
 
-    Frames: N == the clip's frame count passes; N == the source's frame count is subset with
-    the transform's frame selection; N == 1 stays one frame (it broadcasts over the clip).
+
+def align_mask_frames(frames: Iterable[torch.Tensor], transform: FrameTransform, threshold: float = 0.5,
+                      what: str = "mask", count: int | None = None) -> torch.Tensor:
+    """Binarise [H, W] mask frames and put them through the clip's transform, one at a time.
+
+    Each frame is brought to the clip's size as it arrives, so besides the result (bools at
+    the clip's size) only one source-size frame is held, however long or large the source.
+    Frames: `count` (or, when it is not known up front, the number of frames that came)
+    equal to the clip's frame count passes; equal to the source's count is subset with the
+    transform's frame selection; 1 stays one frame (it broadcasts over the clip).
     Size: the clip's output size passes; the source size is resized and cropped like the
     frames (nearest neighbour, so the mask stays binary). Returns bool [F', h, w].
     """
+    out_w, out_h = transform.size
+    src_w, src_h = transform.source_size
+    wanted = None if count is None else _frame_selection(count, transform, what)
+    keep = None if wanted is None else set(wanted)
+    kept: dict[int, torch.Tensor] = {}
+    size = None
+    n = 0
+    for i, m in enumerate(frames):
+        n = i + 1
+        m = torch.as_tensor(m)
+        if size is None:
+            size = tuple(m.shape)
+            if size not in ((out_h, out_w), (src_h, src_w)):
+                raise ValueError(f"{what} is {size[1]}x{size[0]} but the video's source frames are "
+                                 f"{src_w}x{src_h} and the loaded frames {out_w}x{out_h}: give masks at one of "
+                                 f"those sizes (for example run the segmentation on the Video Loader's frames)")
+        elif tuple(m.shape) != size:
+            raise ValueError(f"{what}: frame {i} is {m.shape[1]}x{m.shape[0]} but frame 0 is {size[1]}x{size[0]}: "
+                             f"give every frame's mask the same size")
+        if keep is not None and i not in keep:
+            continue
+        b = binarize(m, threshold)
+        if size != (out_h, out_w):
+            b = transform.apply_spatial(b[None, None].float(), mode="nearest")[0, 0] > 0.5
+        kept[i] = b
+    if n == 0:
+        raise ValueError(f"{what} has no frames")
+    if count is not None and n != count:
+        raise ValueError(f"{what}: expected {count} frames, read {n}")
+    if count is None:
+        wanted = _frame_selection(n, transform, what)
+    order = wanted if wanted is not None else range(n)
+    return torch.stack([kept[i] for i in order]).contiguous()
+
+
+def align_masks(mask: torch.Tensor, transform: FrameTransform, threshold: float = 0.5,
+                what: str = "mask") -> torch.Tensor:
+    """align_mask_frames for a mask tensor [N, H, W] (or [H, W], or IMAGE-like [N, H, W, C])."""
     mask = torch.as_tensor(mask)
     if mask.ndim == 2:
         mask = mask[None]
@@ -46,28 +101,7 @@ def align_masks(mask: torch.Tensor, transform: FrameTransform, threshold: float 
         mask = mask[..., 0]  # an IMAGE-like [N, H, W, C] mask: every channel carries the same values
     if mask.ndim != 3:
         raise ValueError(f"{what} must be [frames, height, width], got shape {tuple(mask.shape)}")
-    n, h, w = mask.shape
-    out_w, out_h = transform.size
-    src_w, src_h = transform.source_size
-
-    if n == transform.frame_count or n == 1:
-        pass
-    elif n == transform.source_frame_count:
-        mask = mask[list(transform.frame_indices)]
-    else:
-        raise ValueError(f"{what} has {n} frames but the video has {transform.source_frame_count} source frames "
-                         f"({transform.frame_count} loaded): give one mask per source frame, one per loaded frame, "
-                         f"or a single mask for all frames")
-
-    b = binarize(mask, threshold)
-    if (h, w) == (out_h, out_w):
-        return b.contiguous()
-    if (h, w) == (src_h, src_w):
-        x = b[:, None].float()
-        return (transform.apply_spatial(x, mode="nearest")[:, 0] > 0.5).contiguous()
-    raise ValueError(f"{what} is {w}x{h} but the video's source frames are {src_w}x{src_h} and the loaded frames "
-                     f"{out_w}x{out_h}: give masks at one of those sizes (for example run the segmentation on "
-                     f"the Video Loader's frames)")
+    return align_mask_frames(mask.unbind(0), transform, threshold, what, count=mask.shape[0])
 
 
 # ---------------------------------------------------------------- reading mask files
@@ -98,7 +132,7 @@ def safe_input_path(base_dir: str, relative: str, what: str = "path") -> str:
 
 
 def _image_channel(img, channel: str) -> np.ndarray:
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
     img = ImageOps.exif_transpose(img)
     if channel == "alpha":
         if "A" not in img.getbands():
@@ -135,44 +169,34 @@ def list_sequence(folder: str, base_dir: str) -> list[str]:
     return files
 
 
-def read_sequence(files: list[str], channel: str = "luminance") -> torch.Tensor:
-    frames = [read_image_mask(f, channel) for f in files]
-    sizes = {tuple(f.shape) for f in frames}
-    if len(sizes) != 1:
-        raise ValueError(f"the mask images differ in size ({sorted(sizes)}): give every frame's mask the same size")
-    return torch.stack(frames)
-
-
-def read_video_mask(path: str, channel: str = "luminance") -> torch.Tensor:
-    """[N, H, W] float masks from every frame of a video file."""
+def _video_mask_frames(path: str, channel: str) -> Iterator[torch.Tensor]:
     import av
     from PIL import Image
-    frames = []
+    fmt = "rgba" if channel == "alpha" else "rgb24"
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError(f"{os.path.basename(path)!r} has no video stream")
-        stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            fmt = "rgba" if channel == "alpha" else "rgb24"
-            frames.append(torch.from_numpy(_image_channel(Image.fromarray(frame.to_ndarray(format=fmt)), channel)))
-    if not frames:
-        raise ValueError(f"{os.path.basename(path)!r} has no frames")
-    return torch.stack(frames)
+        for frame in container.decode(container.streams.video[0]):
+            yield torch.from_numpy(_image_channel(Image.fromarray(frame.to_ndarray(format=fmt)), channel))
 
 
-def read_mask_source(full_path: str, base_dir: str, channel: str = "luminance") -> torch.Tensor:
-    """[N, H, W] float masks from a video, a folder of images, or one image (N = 1)."""
+def open_mask_source(full_path: str, base_dir: str,
+                     channel: str = "luminance") -> tuple[int | None, Iterator[torch.Tensor]]:
+    """A video, a folder of images, or one image as (frame count if known up front, an
+    iterator of [H, W] float masks, decoded one at a time)."""
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
     if os.path.isdir(full_path):
-        return read_sequence(list_sequence(full_path, base_dir), channel)
+        files = list_sequence(full_path, base_dir)
+        return len(files), (read_image_mask(f, channel) for f in files)
     low = full_path.lower()
     if low.endswith(VIDEO_EXTENSIONS):
-        return read_video_mask(full_path, channel)
+        return None, _video_mask_frames(full_path, channel)
     if low.endswith(IMAGE_EXTENSIONS):
-        return read_image_mask(full_path, channel)[None]
+        return 1, iter([read_image_mask(full_path, channel)])
     raise ValueError(f"{os.path.basename(full_path)!r} is neither a video ({', '.join(VIDEO_EXTENSIONS)}), an image "
                      f"({', '.join(IMAGE_EXTENSIONS)}) nor a folder of images")
 
 
-__all__ = ["align_masks", "binarize", "safe_input_path", "read_mask_source", "list_sequence", "CHANNELS"]
+__all__ = ["align_masks", "align_mask_frames", "binarize", "safe_input_path", "open_mask_source", "list_sequence",
+           "CHANNELS"]
