@@ -25,3 +25,43 @@ def test_digest_follows_values_shape_and_dtype():
     y = x.clone()
     y[5] += 1
     assert tensor_digest(x) != tensor_digest(y)
+
+
+def _plain_digest(t: torch.Tensor, sample: bool) -> str:
+    """The same digest the plain way: every byte at once (a whole copy of the values)."""
+    import hashlib
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|{'s' if sample else 'f'}|".encode())
+    c = t.contiguous()
+    h.update((c.view(torch.int16) if c.dtype == torch.bfloat16 else c).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_digest_hashes_pieces_like_the_whole(monkeypatch):
+    """Pieces (here 7 values; a row at a time for non-contiguous tensors) give the digest of
+    all bytes at once, so keys of entries written before stay valid."""
+    import videograin_core.inversion_cache as ic
+    monkeypatch.setattr(ic, "_HASH_PIECE_ELEMENTS", 7)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(3, 5, 4, 3, generator=g)                 # an IMAGE batch
+    cases = [frames, frames.transpose(1, 2), frames[:, ::2], torch.rand(50, generator=g).bfloat16(),
+             torch.rand(2, 9, generator=g) > 0.5, torch.arange(7.0), torch.zeros(0)]
+    for t in cases:
+        assert tensor_digest(t, sample=False) == _plain_digest(t, False), (t.dtype, tuple(t.shape), t.stride())
+    assert tensor_digest(frames.transpose(1, 2), sample=False) != tensor_digest(frames, sample=False)
+
+
+def test_digest_and_checksum_hold_no_copy_of_the_values():
+    """Hashing a clip's pixels (64 MiB here) allocates no bytes copy of them (tracemalloc
+    sees every Python-level allocation, a `tobytes()` copy included)."""
+    import tracemalloc
+
+    import videograin_core.inversion_cache as ic
+    frames = torch.rand(16, 512, 512, 4)  # 64 MiB of float32
+    tracemalloc.start()
+    try:
+        tensor_digest(frames, sample=False)
+        ic._checksum({name: frames for name in ic._TENSORS})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB allocated while hashing 64 MiB"

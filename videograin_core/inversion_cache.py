@@ -28,6 +28,25 @@ _SAMPLE_ELEMENTS = 4096
 
 
 # ---------------------------------------------------------------- fingerprints
+_HASH_PIECE_ELEMENTS = 1 << 22  # values hashed per piece: the extra memory of a digest is bounded
+
+
+def _hash_values(h, t: torch.Tensor) -> None:
+    """Feed t's values to the hash in row-major order, a bounded piece at a time. The
+    pieces go in as buffers (no bytes copy), so hashing a clip's frames never holds a
+    second copy of them; the digest equals hashing all bytes at once."""
+    if t.dim() > 1 and not t.is_contiguous():
+        for row in t:  # a non-contiguous tensor's flat copy would be whole: go a row at a time
+            _hash_values(h, row)
+        return
+    flat = t.reshape(-1)  # a view of a contiguous tensor
+    for i in range(0, flat.numel(), _HASH_PIECE_ELEMENTS):
+        piece = flat[i:i + _HASH_PIECE_ELEMENTS].to("cpu").contiguous()
+        if piece.dtype == torch.bfloat16:
+            piece = piece.view(torch.int16)  # numpy has no bfloat16; the bits are what count
+        h.update(memoryview(piece.numpy()).cast("B"))
+
+
 def tensor_digest(t: torch.Tensor, sample: bool | None = None) -> str:
     """sha256 of dtype, shape and values; a strided sample of the values when the tensor is
     large (or `sample=True`): model weights are fingerprinted that way, cheaply."""
@@ -36,16 +55,12 @@ def tensor_digest(t: torch.Tensor, sample: bool | None = None) -> str:
     if sample is None:
         sample = n > _FULL_HASH_ELEMENTS
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|{'s' if sample else 'f'}|".encode())
-    if n:
-        flat = t.reshape(-1)
-        if sample and n > _SAMPLE_ELEMENTS:
-            # integer positions 0 .. n-1 (a float linspace rounds past the end for large n)
-            idx = torch.arange(_SAMPLE_ELEMENTS, dtype=torch.int64, device=flat.device) * (n - 1) // (_SAMPLE_ELEMENTS - 1)
-            flat = flat[idx]
-        flat = flat.to("cpu").contiguous()
-        if flat.dtype == torch.bfloat16:
-            flat = flat.view(torch.int16)
-        h.update(flat.numpy().tobytes())
+    if n and sample and n > _SAMPLE_ELEMENTS:
+        # integer positions 0 .. n-1 (a float linspace rounds past the end for large n)
+        idx = torch.arange(_SAMPLE_ELEMENTS, dtype=torch.int64, device=t.device) * (n - 1) // (_SAMPLE_ELEMENTS - 1)
+        _hash_values(h, t.reshape(-1)[idx])
+    elif n:
+        _hash_values(h, t)
     return h.hexdigest()
 
 
@@ -143,9 +158,9 @@ _TENSORS = ("latent", "trajectory", "sigmas", "source")
 def _checksum(tensors: dict) -> str:
     h = hashlib.sha256()
     for name in _TENSORS:
-        t = tensors[name].contiguous()
+        t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
+        _hash_values(h, t)
     return h.hexdigest()
 
 
