@@ -14,17 +14,23 @@ from comfy_api.latest import io, ui
 from ..videograin_core import video_io
 
 
-def side_by_side(source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
-    """[F, H, W, 3] source | edit; the source is resized to the edit's height if they differ."""
+def side_by_side(source: torch.Tensor, edit: torch.Tensor):
+    """source | edit, a frame [H, W_src + W, 3] at a time (never the whole clip twice); the
+    source is resized to the edit's height if they differ."""
     if source.shape[0] != edit.shape[0]:
         raise ValueError(f"source has {source.shape[0]} frames but images has {edit.shape[0]}: connect the frames "
                          "the edit was made from (the Video Loader's images)")
-    src = source[..., :3]
-    if src.shape[1] != edit.shape[1]:
-        w = max(1, round(src.shape[2] * edit.shape[1] / src.shape[1]))
-        src = F.interpolate(src.movedim(-1, 1).float(), size=(edit.shape[1], w), mode="bilinear",
-                            align_corners=False, antialias=True).movedim(1, -1).clamp(0, 1)
-    return torch.cat([src.cpu().float(), edit[..., :3].cpu().float()], dim=2)
+
+    def frames():
+        for src, out in zip(source, edit):
+            src = src[..., :3]
+            if src.shape[0] != out.shape[0]:
+                w = max(1, round(src.shape[1] * out.shape[0] / src.shape[0]))
+                src = F.interpolate(src.movedim(-1, 0)[None].float(), size=(out.shape[0], w), mode="bilinear",
+                                    align_corners=False, antialias=True)[0].movedim(0, -1).clamp(0, 1)
+            yield torch.cat([src.cpu().float(), out[..., :3].cpu().float()], dim=1)
+
+    return frames()
 
 
 class VideoGrainSaveVideo(io.ComfyNode):

@@ -23,6 +23,11 @@ def probe(path):
                 "fps": float(s.average_rate), "codec": s.codec_context.name, "first": frames[0]}
 
 
+def probe_all(path):
+    with av.open(path) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
 @pytest.fixture(scope="module")
 def small(comfy_host, test_models):
     import comfy.sd
@@ -70,6 +75,34 @@ def test_save_writes_h264_mp4_and_side_by_side(comfy_host):
         save.execute(images=edit, fps=8.0, filename_prefix="vg_save/x", source=src[:3])
     with pytest.raises(ValueError, match="fps must be > 0"):
         save.execute(images=edit, fps=0.0, filename_prefix="vg_save/x")
+
+
+def test_side_by_side_and_writing_go_a_frame_at_a_time(comfy_host, tmp_path):
+    """The side-by-side frames are made lazily (per-frame resize = the batched reference);
+    write_video encodes an iterator of frames exactly as it encodes the stacked tensor, and
+    a frame of another size stops it with no file left behind."""
+    import torch.nn.functional as F
+    mod = import_module(f"{comfy_host.pack.__name__}.nodes.save_video")
+    video_io = import_module(f"{comfy_host.pack.__name__}.videograin_core.video_io")
+    g = torch.Generator().manual_seed(2)
+    src, edit = torch.rand(4, 96, 128, 3, generator=g), torch.rand(4, 48, 64, 3, generator=g)
+    frames = mod.side_by_side(src, edit)
+    assert not isinstance(frames, torch.Tensor)
+    small_src = F.interpolate(src.movedim(-1, 1), size=(48, 64), mode="bilinear", align_corners=False,
+                              antialias=True).movedim(1, -1).clamp(0, 1)
+    want = torch.cat([small_src, edit], dim=2)
+    got = list(frames)
+    assert len(got) == 4 and all(torch.allclose(f, w, atol=1e-6) for f, w in zip(got, want))
+
+    a, b = str(tmp_path / "stacked.mp4"), str(tmp_path / "iter.mp4")
+    video_io.write_video(a, want, 8.0, crf=10)
+    video_io.write_video(b, iter(got), 8.0, crf=10)
+    fa, fb = probe_all(a), probe_all(b)
+    assert len(fa) == len(fb) == 4 and all(np.array_equal(x, y) for x, y in zip(fa, fb))
+    bad = str(tmp_path / "bad.mp4")
+    with pytest.raises(ValueError, match="frame 2 is 64x40 but frame 0 is 64x48"):
+        video_io.write_video(bad, iter([edit[0], edit[1], torch.rand(40, 64, 3), edit[3]]), 8.0)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("bad")]
 
 
 # ---------------------------------------------------------------- through the real server

@@ -7,6 +7,7 @@ memory is the kept frames (uint8) plus the final float IMAGE, never the whole so
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -191,21 +192,26 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
     return frames, fps, transform
 
 
-def write_video(path: str, frames: torch.Tensor, fps: float, *, codec: str = "libx264", crf: int = 19,
+def write_video(path: str, frames, fps: float, *, codec: str = "libx264", crf: int = 19,
                 pix_fmt: str = "yuv420p", metadata: dict | None = None) -> None:
-    """Encode IMAGE frames [F, H, W, 3] (float 0..1) to a video file (h264 mp4 by default).
+    """Encode IMAGE frames (float 0..1) to a video file (h264 mp4 by default): a tensor
+    [F, H, W, 3], or any iterable of [H, W, 3] frames, which is read one frame at a time.
 
     yuv420p needs even sizes: odd sizes are padded by repeating the last row/column.
     Written to `path + ".partial"` first and moved into place, so no half file is left.
     """
     import av
-    if frames.ndim != 4 or frames.shape[-1] < 3:
+    if isinstance(frames, torch.Tensor) and (frames.ndim != 4 or frames.shape[-1] < 3):
         raise ValueError(f"expected IMAGE frames [frames, height, width, 3], got shape {tuple(frames.shape)}")
-    if frames.shape[0] == 0:
-        raise ValueError("no frames to write")
     if not fps or fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    h, w = int(frames.shape[1]), int(frames.shape[2])
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("no frames to write")
+    if first.ndim != 3 or first.shape[-1] < 3:
+        raise ValueError(f"expected frames [height, width, 3], got shape {tuple(first.shape)}")
+    h, w = int(first.shape[0]), int(first.shape[1])
     ph, pw = h + (h % 2), w + (w % 2)
     tmp = path + ".partial"
     ext = os.path.splitext(path)[1].lstrip(".") or "mp4"
@@ -218,7 +224,10 @@ def write_video(path: str, frames: torch.Tensor, fps: float, *, codec: str = "li
         stream.pix_fmt = pix_fmt
         if codec in ("libx264", "h264"):
             stream.options = {"crf": str(crf)}
-        for f in frames:
+        for i, f in enumerate(itertools.chain([first], frames)):
+            if tuple(f.shape[:2]) != (h, w):
+                raise ValueError(f"frame {i} is {f.shape[1]}x{f.shape[0]} but frame 0 is {w}x{h}: every frame "
+                                 f"of a video has the same size")
             a = (f[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             if (ph, pw) != (h, w):
                 a = np.pad(a, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
