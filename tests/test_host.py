@@ -6,7 +6,6 @@ import hashlib
 import os
 import re
 
-import pytest
 from vg_testlib import load_script
 
 

@@ -32,7 +32,6 @@ Rules chosen where the method leaves room:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
