@@ -21,6 +21,7 @@ def cpu_path(request, monkeypatch):
     if request.param == "fused-tiny-chunks":
         monkeypatch.setattr(st_layout, "FUSED_CPU_KEY_CHUNK", 5)
     monkeypatch.setattr(st_layout, "CPU_FUSED_KERNEL", fused)
+    monkeypatch.setattr(st_layout, "FUSED_CPU_MIN_KEYS", 0)  # the test sizes are all short rows
     return "fused" if fused else "torch"
 
 
@@ -70,6 +71,44 @@ def test_matches_dense_reference(chunk, batched):
     got = layout_attention(q, k, v, 3, qr, kr, c, chunk_size=chunk)
     assert got.dtype == q.dtype and got.shape == q.shape
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_batch_elements_share_torch_blocks(monkeypatch, batched):
+    """Short rows on the torch path: several batch elements per block (here 2, 2 and 1 of 5)
+    give the same result as the dense reference, per-element regions and c included."""
+    monkeypatch.setattr(st_layout, "CPU_FUSED_KERNEL", False)
+    q, k, v, qr, kr, c = make(b=5, batched=batched, seed=21)
+    if batched:
+        kr[:] = kr[0]                        # one key layout (as in cross-attention), per-element queries
+    per_element = 4 * 3 * q.shape[1] * k.shape[1]
+    monkeypatch.setattr(st_layout, "CPU_GROUP_BYTES", 2 * per_element)
+    assert st_layout._batch_group(5, 3, 3, 37, 37, 53, "cpu", 2**30) == 2
+    seen = []
+    real = st_layout._torch_block
+    monkeypatch.setattr(st_layout, "_torch_block", lambda qb, *a: seen.append(qb.shape[0]) or real(qb, *a))
+    got = layout_attention(q, k, v, 3, qr, kr, c)
+    assert sorted(seen) == [1, 2, 2]
+    torch.testing.assert_close(got.double(), dense_reference(q, k, v, 3, qr, kr, c), atol=2e-5, rtol=2e-5)
+
+
+def test_short_rows_skip_the_fused_kernel(monkeypatch):
+    """Rows shorter than FUSED_CPU_MIN_KEYS go to the batched torch blocks, longer ones to
+    the fused kernel (where it is built)."""
+    if not cpu_kernel.available():
+        pytest.skip(cpu_kernel.unavailable_reason())
+    monkeypatch.setattr(st_layout, "CPU_FUSED_KERNEL", True)
+    monkeypatch.setattr(st_layout, "FUSED_CPU_MIN_KEYS", 50)
+    calls = {"fused": 0, "torch": 0}
+    real_online, real_torch = st_layout._online_block, st_layout._torch_block
+    monkeypatch.setattr(st_layout, "_online_block", lambda *a: calls.__setitem__("fused", calls["fused"] + 1) or real_online(*a))
+    monkeypatch.setattr(st_layout, "_torch_block", lambda *a: calls.__setitem__("torch", calls["torch"] + 1) or real_torch(*a))
+    for lk, path in ((49, "torch"), (53, "fused")):
+        calls.update(fused=0, torch=0)
+        q, k, v, qr, kr, c = make(lk=lk, seed=22)
+        got = layout_attention(q, k, v, 3, qr, kr, c)
+        assert calls[path] > 0 and calls["torch" if path == "fused" else "fused"] == 0
+        torch.testing.assert_close(got.double(), dense_reference(q, k, v, 3, qr, kr, c), atol=2e-5, rtol=2e-5)
 
 
 def test_chunk_size_does_not_change_the_result():
