@@ -37,6 +37,10 @@ How it is computed without an [Lq, Lk] matrix for the whole input
   (row max / min, segment max, exp2 in place, sum, rescale factor) is one C kernel
   (cpu_kernel.py, kernels/online_chunk.c); the matmuls stay with torch (MKL). Without
   a compiler: the whole-row torch ops above.
+- Short rows (under FUSED_CPU_MIN_KEYS keys: cross-attention's 77 text tokens, the small
+  token grids) always take the whole-row torch ops, with several batch elements in one
+  block (up to CPU_GROUP_BYTES of logits): a block of one head would be so little work
+  that its fixed cost dominated.
 - Block sizes come from a memory budget, so extra memory is O(block * Lk): linear in
   the number of frames, never quadratic.
 - CPU: the blocks are shared out to torch.get_num_threads() Python threads that each
