@@ -68,8 +68,9 @@ def frames_attention_kernel(device: torch.device):
     chosen = attention.optimized_attention
     if os.environ.get(FRAMES_ATTENTION_ENV, "").strip().lower() == "host":
         return chosen
-    sub_quad = attention.get_attention_function("sub_quad", None)
-    sdpa = attention.get_attention_function("pytorch", None)
+    registry = getattr(attention, "get_attention_function", None)  # older hosts: the module's functions
+    sub_quad = registry("sub_quad", None) if registry else getattr(attention, "attention_sub_quad", None)
+    sdpa = registry("pytorch", None) if registry else getattr(attention, "attention_pytorch", None)
     if (device.type == "cpu" and chosen is sub_quad and sdpa is not None and _torch_version() >= (2, 3)
             and not args.use_quad_cross_attention and not args.use_split_cross_attention):
         if "cpu" not in _announced:

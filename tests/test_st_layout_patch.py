@@ -123,6 +123,9 @@ def test_full_frame_attention_kernel_choice(env, monkeypatch):
     monkeypatch.setattr(args, "use_quad_cross_attention", True)
     assert mod.frames_attention_kernel(cpu) is attention.optimized_attention
     monkeypatch.setattr(args, "use_quad_cross_attention", False)
+    with monkeypatch.context() as m:   # a host without the attention registry: its module functions
+        m.delattr(attention, "get_attention_function")
+        assert mod.frames_attention_kernel(cpu) is attention.attention_pytorch
     monkeypatch.setenv(mod.FRAMES_ATTENTION_ENV, "host")
     assert mod.frames_attention_kernel(cpu) is attention.optimized_attention
 
