@@ -245,5 +245,6 @@ def main():
             print(f"  (the line through F={x} and F={y} extrapolates to {line:.0f} MiB: "
                   f"{over_long / max(line, 1e-9):.2f}x of that)")
 
+
 if __name__ == "__main__":
     main()

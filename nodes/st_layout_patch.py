@@ -52,6 +52,10 @@ def _torch_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+# torch's fused CPU kernel for scaled_dot_product_attention; read once, not per attention call
+_CPU_SDPA_FUSED = _torch_version() >= (2, 3)
+
+
 def frames_attention_kernel(device: torch.device):
     """The host attention function that runs the unmodulated self-attention over all frames.
 
@@ -71,7 +75,7 @@ def frames_attention_kernel(device: torch.device):
     registry = getattr(attention, "get_attention_function", None)  # older hosts: the module's functions
     sub_quad = registry("sub_quad", None) if registry else getattr(attention, "attention_sub_quad", None)
     sdpa = registry("pytorch", None) if registry else getattr(attention, "attention_pytorch", None)
-    if (device.type == "cpu" and chosen is sub_quad and sdpa is not None and _torch_version() >= (2, 3)
+    if (device.type == "cpu" and chosen is sub_quad and sdpa is not None and _CPU_SDPA_FUSED
             and not args.use_quad_cross_attention and not args.use_split_cross_attention):
         if "cpu" not in _announced:
             _announced.add("cpu")
