@@ -60,7 +60,7 @@ class VideoGrainRegionMaskFromFile(io.ComfyNode):
             category="VideoGrain",
             description="Reads a region mask from the input folder (a mask video, a folder of per-frame mask "
                         "images in name order, or a single image for every frame) and lines it up with the "
-                        "Video Loader's frames.",
+                        "Video Loader's frames. From a folder only the images of the frames the clip uses are read.",
             inputs=[
                 io.String.Input("path", default="",
                                 tooltip="video, image or folder of images, relative to the input folder"),

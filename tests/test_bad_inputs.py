@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import time
 import types
 import uuid
@@ -92,6 +93,11 @@ def env(comfy_server, test_models, tmp_path_factory):
         os.makedirs(os.path.join(d, name), exist_ok=True)
         for i in range(n):
             _png(os.path.join(d, name, f"{i:03}.png"), _mask())
+    shutil.copytree(os.path.join(d, "bad_seq6"), os.path.join(d, "bad_seq_damaged"), dirs_exist_ok=True)
+    with open(os.path.join(d, "bad_seq_damaged", "003.png"), "wb") as f:  # frame 3 is one the edit uses
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with open(os.path.join(d, "bad_mask_noise.mp4"), "wb") as f:
+        f.write(bytes(range(256)) * 8)
     sd2 = write_sd2_like_unet(os.path.join(comfyui_path(), "models"))
     return types.SimpleNamespace(client=comfy_server, ckpt=test_models.small_name, cnet=test_models.small_cnet_name,
                                  sd2=os.path.basename(sd2), outside=str(outside))
@@ -315,6 +321,10 @@ CASES = [
      r"mask is 32x32 but the video's source frames are 64x64 and the loaded frames 64x64"),
     ("masks-differ-in-size", second_region(None, "snow", size=32), "local2",
      r"region mask is 32x32 but the layout's regions are 64x64"),
+    ("mask-image-damaged", mask_file("bad_seq_damaged"), "region",
+     r"mask image '003\.png' could not be read \(\w+\): the file is damaged or not an image"),
+    ("mask-video-damaged", mask_file("bad_mask_noise.mp4"), "region",
+     r"mask video 'bad_mask_noise\.mp4' could not be read as a video"),
     ("mask-path-dotdot", mask_file("../bad_left.png"), "region", r"path '\.\./bad_left\.png' leaves the input folder"),
     ("mask-path-absolute", mask_file("/etc/hostname"), "region", r"path '/etc/hostname' is absolute"),
     ("mask-all-zero", put("mask", image="bad_zero.png"), None, output_is_source),

@@ -160,6 +160,26 @@ def test_mask_frame_errors_name_the_frame_and_stop_early(core):
         core.rm.align_mask_frames(iter([]), t)
 
 
+def test_dropped_frames_that_come_unread_are_never_read(core):
+    t = _transform(core)  # picks source frames 1, 3, 5 of 6
+    masks = _source_masks()
+    read = []
+
+    def reader(i):
+        def read_frame():
+            read.append(i)
+            return masks[i]
+        return read_frame
+    out = core.rm.align_mask_frames((reader(i) for i in range(6)), t, count=6)
+    assert read == [1, 3, 5]
+    assert torch.equal(out, _expected(t, masks))
+    # a size mismatch among the read frames names the first frame read, not frame 0
+    masks[5] = 0
+    bad = [reader(i) for i in range(5)] + [lambda: torch.zeros(20, 40)]
+    with pytest.raises(ValueError, match=r"frame 5 is 40x20 but frame 1 is 40x24"):
+        core.rm.align_mask_frames(iter(bad), t, count=6)
+
+
 def _write_png(path, arr):
     from PIL import Image
     Image.fromarray((arr * 255).astype(np.uint8), mode="L").save(path)
@@ -176,6 +196,12 @@ def test_from_file_sequence_image_and_video(comfy_host, core):
         _write_png(os.path.join(seq, f"frame_{i * 5}.png"), masks[i].numpy())
     (out,) = _run(node, path="vg_masks/person", transform=t, threshold=0.5, channel="luminance")
     assert torch.equal(out.bool(), _expected(t, masks))
+    # only the images of the frames the clip uses are read: the others may be anything
+    for i in (0, 2, 4):
+        with open(os.path.join(seq, f"frame_{i * 5}.png"), "wb") as f:
+            f.write(b"not a png")
+    (again,) = _run(node, path="vg_masks/person", transform=t, threshold=0.5, channel="luminance")
+    assert torch.equal(again, out)
 
     _write_png(os.path.join(inp, "vg_single.png"), masks[0].numpy())
     (one,) = _run(node, path="vg_single.png", transform=t, threshold=0.5, channel="luminance")
@@ -188,6 +214,22 @@ def test_from_file_sequence_image_and_video(comfy_host, core):
     frames[0].save(os.path.join(inp, "vg_mask.gif"), save_all=True, append_images=frames[1:], duration=40, loop=0)
     (vid,) = _run(node, path="vg_mask.gif", transform=t, threshold=0.5, channel="luminance")
     assert torch.equal(vid.bool(), _expected(t, masks))
+
+
+def test_damaged_mask_image_names_the_file(comfy_host, core):
+    """A damaged mask image among the frames the clip uses: a clear error naming the file (a
+    damaged mask video: tests/test_bad_inputs.py)."""
+    node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
+    inp = comfy_host.folder_paths.get_input_directory()
+    t = _transform(core)
+    seq = os.path.join(inp, "vg_masks", "damaged")
+    os.makedirs(seq, exist_ok=True)
+    for i, m in enumerate(_source_masks()):
+        _write_png(os.path.join(seq, f"{i}.png"), m.numpy())
+    with open(os.path.join(seq, "3.png"), "r+b") as f:  # frame 3 is one the clip uses
+        f.truncate(30)
+    with pytest.raises(ValueError, match=r"mask image '3\.png' could not be read \(\w+\): the file is damaged"):
+        _run(node, path="vg_masks/damaged", transform=t, threshold=0.5, channel="luminance")
 
 
 def test_from_file_refuses_paths_out_of_the_input_folder(comfy_host, core, tmp_path):

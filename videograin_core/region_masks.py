@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Iterator
+from functools import partial
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from .frame_transform import FrameTransform
 from .input_paths import InputPathError, is_inside, resolve_inside
+from .video_io import open_video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -44,12 +46,15 @@ def _frame_selection(n: int, transform: FrameTransform, what: str) -> list[int] 
                      f"or a single mask for all frames")
 
 
-def align_mask_frames(frames: Iterable[torch.Tensor], transform: FrameTransform, threshold: float = 0.5,
-                      what: str = "mask", count: int | None = None) -> torch.Tensor:
+def align_mask_frames(frames: Iterable[torch.Tensor | Callable[[], torch.Tensor]], transform: FrameTransform,
+                      threshold: float = 0.5, what: str = "mask", count: int | None = None) -> torch.Tensor:
     """Binarise [H, W] mask frames and put them through the clip's transform, one at a time.
 
     Each frame is brought to the clip's size as it arrives, so besides the result (bools at
     the clip's size) only one source-size frame is held, however long or large the source.
+    A frame may also come as a function that reads it: with `count` given, the frames the
+    clip's selection drops are then never read (a folder of 900 images feeding a 32-frame
+    clip decodes 32 of them).
     Frames: `count` (or, when it is not known up front, the number of frames that came)
     equal to the clip's frame count passes; equal to the source's count is subset with the
     transform's frame selection; 1 stays one frame (it broadcasts over the clip).
@@ -61,20 +66,24 @@ def align_mask_frames(frames: Iterable[torch.Tensor], transform: FrameTransform,
     wanted = None if count is None else _frame_selection(count, transform, what)
     keep = None if wanted is None else set(wanted)
     kept: dict[int, torch.Tensor] = {}
-    size = None
+    size = first = None
     n = 0
     for i, m in enumerate(frames):
         n = i + 1
+        if callable(m):
+            if keep is not None and i not in keep:
+                continue  # a dropped frame that is still unread stays unread
+            m = m()
         m = torch.as_tensor(m)
         if size is None:
-            size = tuple(m.shape)
+            size, first = tuple(m.shape), i
             if size not in ((out_h, out_w), (src_h, src_w)):
                 raise ValueError(f"{what} is {size[1]}x{size[0]} but the video's source frames are "
                                  f"{src_w}x{src_h} and the loaded frames {out_w}x{out_h}: give masks at one of "
                                  f"those sizes (for example run the segmentation on the Video Loader's frames)")
         elif tuple(m.shape) != size:
-            raise ValueError(f"{what}: frame {i} is {m.shape[1]}x{m.shape[0]} but frame 0 is {size[1]}x{size[0]}: "
-                             f"give every frame's mask the same size")
+            raise ValueError(f"{what}: frame {i} is {m.shape[1]}x{m.shape[0]} but frame {first} is "
+                             f"{size[1]}x{size[0]}: give every frame's mask the same size")
         if keep is not None and i not in keep:
             continue
         b = binarize(m, threshold)
@@ -149,8 +158,12 @@ def _image_channel(img, channel: str) -> np.ndarray:
 
 def read_image_mask(path: str, channel: str = "luminance") -> torch.Tensor:
     from PIL import Image
-    with Image.open(path) as img:
-        return torch.from_numpy(_image_channel(img, channel))
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(_image_channel(img, channel))
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"mask image {os.path.basename(path)!r} could not be read ({e.__class__.__name__}): the file "
+                         f"is damaged or not an image; save it again (PNG) or pick another file") from None
 
 
 def list_sequence(folder: str, base_dir: str) -> list[str]:
@@ -172,23 +185,29 @@ def list_sequence(folder: str, base_dir: str) -> list[str]:
 def _video_mask_frames(path: str, channel: str) -> Iterator[torch.Tensor]:
     import av
     from PIL import Image
+    label = os.path.basename(path)
     fmt = "rgba" if channel == "alpha" else "rgb24"
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError(f"{os.path.basename(path)!r} has no video stream")
-        for frame in container.decode(container.streams.video[0]):
-            yield torch.from_numpy(_image_channel(Image.fromarray(frame.to_ndarray(format=fmt)), channel))
+    with open_video(path, label, what="mask video") as container:
+        i = 0
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                yield torch.from_numpy(_image_channel(Image.fromarray(frame.to_ndarray(format=fmt)), channel))
+                i += 1
+        except av.error.FFmpegError as e:  # a broken packet mid-stream
+            raise ValueError(f"mask video {label!r}: frame {i} could not be decoded ({e.__class__.__name__}): the "
+                             f"file is damaged; re-encode it (e.g. to h264 mp4) or give PNG frames") from None
 
 
-def open_mask_source(full_path: str, base_dir: str,
-                     channel: str = "luminance") -> tuple[int | None, Iterator[torch.Tensor]]:
+def open_mask_source(full_path: str, base_dir: str, channel: str = "luminance"
+                     ) -> tuple[int | None, Iterator[torch.Tensor | Callable[[], torch.Tensor]]]:
     """A video, a folder of images, or one image as (frame count if known up front, an
-    iterator of [H, W] float masks, decoded one at a time)."""
+    iterator of [H, W] float masks, decoded one at a time). A folder's frames come as
+    functions that read them, so align_mask_frames reads only the images the clip uses."""
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
     if os.path.isdir(full_path):
         files = list_sequence(full_path, base_dir)
-        return len(files), (read_image_mask(f, channel) for f in files)
+        return len(files), (partial(read_image_mask, f, channel) for f in files)
     low = full_path.lower()
     if low.endswith(VIDEO_EXTENSIONS):
         return None, _video_mask_frames(full_path, channel)

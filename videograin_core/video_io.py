@@ -44,20 +44,21 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _open(path: str, label: str):
+def open_video(path: str, label: str, what: str = "video"):
+    """The container, or a ValueError naming `what` `label` that says what to do."""
     import av
     if not os.path.isfile(path):
-        raise ValueError(f"video {label!r} does not exist: upload it to the input folder or pick another file")
+        raise ValueError(f"{what} {label!r} does not exist: upload it to the input folder or pick another file")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"video {label!r} is empty (0 bytes): upload the file again")
+        raise ValueError(f"{what} {label!r} is empty (0 bytes): upload the file again")
     try:
         container = av.open(path)
     except av.error.FFmpegError as e:
-        raise ValueError(f"video {label!r} could not be read as a video ({e.__class__.__name__}: {e}): "
+        raise ValueError(f"{what} {label!r} could not be read as a video ({e.__class__.__name__}: {e}): "
                          "the file is damaged or not a video; re-encode it (e.g. to h264 mp4) or pick another file") from None
     if not container.streams.video:
         container.close()
-        raise ValueError(f"video {label!r} has no video stream: pick a file that contains video")
+        raise ValueError(f"{what} {label!r} has no video stream: pick a file that contains video")
     return container
 
 
@@ -80,7 +81,7 @@ def _stream_info(stream) -> VideoInfo:
 def probe_video(path: str, label: str | None = None) -> VideoInfo:
     """Size, frame count and rate from the container's metadata (nothing is decoded)."""
     label = label or os.path.basename(path)
-    container = _open(path, label)
+    container = open_video(path, label)
     try:
         info = _stream_info(container.streams.video[0])
     finally:
@@ -116,7 +117,7 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
     while decoding, when the container did not tell the frame count).
     """
     label = label or os.path.basename(path)
-    container = _open(path, label)
+    container = open_video(path, label)
     try:
         stream = container.streams.video[0]
         info = _stream_info(stream)
