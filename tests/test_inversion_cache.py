@@ -65,3 +65,24 @@ def test_digest_and_checksum_hold_no_copy_of_the_values():
     finally:
         tracemalloc.stop()
     assert peak < 2**20, f"{peak / 2**20:.1f} MiB allocated while hashing 64 MiB"
+
+
+def test_digest_of_dtypes_numpy_lacks():
+    """bfloat16 and float8 weights (fp8 UNets) are hashed by their bits: no error, and a
+    changed value changes the digest."""
+    x = torch.linspace(-2, 2, 64)
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        t = x.to(dtype)
+        d = tensor_digest(t, sample=False)
+        assert d == _plain_digest_bits(t) == tensor_digest(t.clone())
+        u = t.clone()
+        u[3] = 1.5
+        assert tensor_digest(u) != d, dtype
+        assert d != tensor_digest(x.half()), dtype
+
+
+def _plain_digest_bits(t: torch.Tensor) -> str:
+    import hashlib
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|f|".encode())
+    h.update(t.contiguous().view({1: torch.uint8, 2: torch.int16}[t.element_size()]).numpy().tobytes())
+    return h.hexdigest()

@@ -31,6 +31,10 @@ _SAMPLE_ELEMENTS = 4096
 _HASH_PIECE_ELEMENTS = 1 << 22  # values hashed per piece: the extra memory of a digest is bounded
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _hash_values(h, t: torch.Tensor) -> None:
     """Feed t's values to the hash in row-major order, a bounded piece at a time. The
     pieces go in as buffers (no bytes copy), so hashing a clip's frames never holds a
@@ -42,8 +46,9 @@ def _hash_values(h, t: torch.Tensor) -> None:
     flat = t.reshape(-1)  # a view of a contiguous tensor
     for i in range(0, flat.numel(), _HASH_PIECE_ELEMENTS):
         piece = flat[i:i + _HASH_PIECE_ELEMENTS].to("cpu").contiguous()
-        if piece.dtype == torch.bfloat16:
-            piece = piece.view(torch.int16)  # numpy has no bfloat16; the bits are what count
+        if piece.is_floating_point() and piece.dtype not in _NUMPY_FLOATS:
+            # numpy has no bfloat16 or float8 (fp8 UNets): the bits are what count
+            piece = piece.view(_SAME_SIZE_INT[piece.element_size()])
         h.update(memoryview(piece.numpy()).cast("B"))
 
 
