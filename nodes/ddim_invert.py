@@ -77,11 +77,14 @@ def _host_fingerprint(obj):
         # Patched weights are written into the model while it is loaded: hash the originals.
         weights = [[k, tensor_digest(obj.backup[k].weight if k in obj.backup else sd[k], sample=True)]
                    for k in sorted(sd)]
-        return {"model": type(obj.model).__qualname__, "weights": weights,
+        return {"model": type(obj.model).__qualname__, "model_type": str(getattr(obj.model, "model_type", None)),
+                "weights": weights,
                 "patches": {"dict": sorted([k, repr([(p[0], p[2], p[3]) for p in v]),
                                             [tensor_digest(t, sample=True) for t in _tensors_in(v)]]
                                            for k, v in obj.patches.items())},
-                "object_patches": sorted(obj.object_patches), "options": obj.model_options}
+                # the patched objects themselves (ModelSamplingDiscrete swaps "model_sampling"
+                # for another prediction type with the same sigmas), not just their names
+                "object_patches": obj.object_patches, "options": obj.model_options}
     if isinstance(obj, comfy.controlnet.ControlBase):
         net = getattr(obj, "control_model", None) or getattr(obj, "t2i_model", None)
         return {"control": type(obj).__qualname__, "hint": obj.cond_hint_original, "strength": obj.strength,
@@ -185,15 +188,13 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             if samples.ndim != 4:
                 raise ValueError(f"latent must be [frames, channels, height, width], got shape {tuple(samples.shape)}")
             samples = samples.detach().to("cpu", torch.float32).contiguous()
-            frames, source_key = samples.shape[0], {"latent": samples}
+            frames = samples.shape[0]
         elif images is not None:
             if vae is None:
                 raise ValueError("images are connected but no vae: connect the VAE that encodes them, or give a latent")
             if images.ndim != 4:
                 raise ValueError(f"images must be [frames, height, width, channels], got shape {tuple(images.shape)}")
-            # Keyed by the pixels (every value hashed) and the VAE, so a cache hit skips the encode.
             samples, frames = None, images.shape[0]
-            source_key = {"images": tensor_digest(images, sample=False), "vae": vae}
         else:
             raise ValueError("nothing to invert: connect a latent (VAE Encode of the frames), or images and a vae")
         check_control_hints(frames, conditioning=conditioning, negative=negative)
@@ -204,11 +205,14 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         sigmas = ddim_sigmas(m, steps).flip(0)  # ascending: 0, s_1, ..., s_max
         guided = not math.isclose(cfg, 1.0)
 
-        key = make_key({**source_key, "model": m, "conditioning": conditioning, "steps": steps,
-                        "cfg": cfg, "negative": negative if guided else None, "sigmas": sigmas},
-                       hook=_host_fingerprint)
         cache = InversionCache(cache_folder())
         if use_cache:
+            # Images are keyed by the pixels (every value hashed) and the VAE, so a hit skips the encode.
+            source_key = ({"latent": samples} if samples is not None
+                          else {"images": tensor_digest(images, sample=False), "vae": vae})
+            key = make_key({**source_key, "model": m, "conditioning": conditioning, "steps": steps,
+                            "cfg": cfg, "negative": negative if guided else None, "sigmas": sigmas},
+                           hook=_host_fingerprint)
             inv, status = cache.load(key)
             if inv is not None:
                 return io.NodeOutput({"samples": inv.latent.clone()}, inv)

@@ -172,6 +172,28 @@ def test_cache_key_follows_inputs(pack, smooth, cache_dir):
     assert len(_cache_files(cache_dir)) == 6
 
 
+def test_cache_key_follows_the_prediction_type_and_fp8_models_are_keyed(pack, smooth, comfy_host, cache_dir):
+    """ModelSamplingDiscrete swaps the model's sampling object for another prediction type
+    with the same sigmas: a new key (the eps entry must not serve v-prediction), while the
+    same patch applied again hits. A UNet stored in float8 inverts and is keyed too."""
+    import comfy.sd
+    node = comfy_host.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]()
+    patch = getattr(node, node.FUNCTION)
+    lat = _latent(seed=12)
+    invert(pack, smooth, lat, 2, use_cache=True)
+    for sampling in ("eps", "v_prediction", "eps"):
+        invert(pack, smooth, lat, 2, use_cache=True, model=patch(smooth.model, sampling, False)[0])
+    # plain, eps-patched, v-patched; the second eps patch hit the first's entry
+    assert len(_cache_files(cache_dir)) == 3
+    fp8, _, _, _ = comfy.sd.load_checkpoint_guess_config(smooth.path, output_vae=False, output_clip=False,
+                                                          model_options={"dtype": torch.float8_e4m3fn})
+    assert any(p.dtype == torch.float8_e4m3fn for p in fp8.model.parameters())
+    a_lat, _ = invert(pack, smooth, lat, 2, use_cache=True, model=fp8)
+    assert len(_cache_files(cache_dir)) == 4
+    b_lat, _ = invert(pack, smooth, lat, 2, use_cache=True, model=fp8)
+    assert torch.equal(a_lat, b_lat) and len(_cache_files(cache_dir)) == 4
+
+
 def test_images_input_is_keyed_by_pixels_and_vae_and_a_hit_skips_the_encode(pack, smooth, cache_dir, monkeypatch):
     """With images + vae the key is the pixels (all of them) and the VAE: a second run of
     the same frames neither encodes nor calls the UNet; one changed pixel, or another

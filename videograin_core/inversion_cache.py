@@ -100,7 +100,10 @@ def fingerprint(obj, hook=None, _depth: int = 0, _seen: frozenset = frozenset())
     if isinstance(obj, (set, frozenset)):
         return {"set": sorted(json.dumps(rec(v), sort_keys=True) for v in obj)}
     if isinstance(obj, torch.nn.Module):
+        # Its bases too: the host builds classes such as ModelSamplingAdvanced(sampling base,
+        # prediction type) whose own name is the same for eps and v-prediction.
         return {"module": type(obj).__qualname__,
+                "bases": [_type_name(c) for c in type(obj).__mro__[1:] if c not in (torch.nn.Module, object)],
                 "weights": [[k, tensor_digest(v, sample=True)] for k, v in sorted(obj.state_dict().items())]}
     if isinstance(obj, functools.partial):
         return {"partial": rec(obj.func), "args": rec(obj.args), "kw": rec(obj.keywords)}
