@@ -38,8 +38,16 @@ def cache_folder() -> str:
 
 # ---------------------------------------------------------------- host glue shared with Sample
 def ddim_sigmas(model, steps: int) -> torch.Tensor:
-    """The descending `ddim_uniform` schedule of the model: s_max, ..., s_1, 0."""
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).cpu()
+    """The reference's DDIM schedule, descending: the sigmas of timesteps 1 + i * (T // steps),
+    i < steps, highest first (981, 961, ..., 1 for 50 steps of T = 1000), then 0 (the clean
+    end). The host's `ddim_uniform` has the same timesteps when `steps` of them fill the range
+    (50, 25, 10, 4, 3, ...) and one step more otherwise (30 asked, 31 run, from t = 991)."""
+    table = model.get_model_object("model_sampling").sigmas.detach().float().cpu()
+    if steps > table.shape[0] - 1:
+        raise ValueError(f"steps is {steps} but the model has {table.shape[0]} timesteps: use at most "
+                         f"{table.shape[0] - 1} (the reference uses 50)")
+    timesteps = torch.arange(steps) * (table.shape[0] // steps) + 1
+    return torch.cat([table[timesteps].flip(0), table.new_zeros(1)])
 
 
 def step_callback(model, steps: int):
@@ -150,7 +158,8 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             node_id="VideoGrainDDIMInvert",
             display_name="VideoGrain DDIM Invert",
             category="VideoGrain",
-            description="Deterministic DDIM inversion of the source frames (ddim_uniform schedule, no noise). "
+            description="Deterministic DDIM inversion of the source frames (the reference's schedule: timesteps "
+                        "981, 961, ..., 1 for 50 steps; no noise). "
                         "Full-frame attention applies if the model is patched, the layout modulation never. "
                         "Results are cached on disk.",
             inputs=[
@@ -177,7 +186,7 @@ class VideoGrainDDIMInvert(io.ComfyNode):
     def execute(cls, model, conditioning, steps, cfg, use_cache=True, latent=None, images=None, vae=None,
                 negative=None) -> io.NodeOutput:
         if steps < 2:
-            # ddim_uniform with 1 step is [sigma(t=1), 0]: the "inverted" latent is the
+            # 1 step is [sigma(t=1), 0]: the "inverted" latent is the
             # source with almost no noise, and sampling gives the source back unedited.
             raise ValueError(f"steps is {steps}: DDIM inversion needs at least 2 steps (1 step only reaches "
                              "timestep 1, so nothing could be edited); use 50 (the reference) or at least 10")
@@ -224,7 +233,6 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         trajectory: list[torch.Tensor] = []
         out = run_sampler(m, ddim.sample_ddim_inversion, {"trajectory": trajectory}, sigmas, conditioning,
                           negative if guided else conditioning, cfg, samples)
-        # ddim_uniform may give one step more than asked (1000 // steps spacing): record what ran.
         inv = ddim.Inversion(latent=out.detach().to("cpu", torch.float32), trajectory=torch.stack(trajectory),
                              sigmas=sigmas.float(), steps=len(sigmas) - 1, source=samples)
         if use_cache:

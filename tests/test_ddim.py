@@ -125,15 +125,29 @@ def test_inversion_is_deterministic(pack, smooth):
     assert torch.equal(a_lat, b_lat) and torch.equal(a.trajectory, b.trajectory) and torch.equal(a.sigmas, b.sigmas)
 
 
-def test_ddim_uniform_step_count_follows_the_host(pack, smooth):
-    """ddim_uniform spaces by 1000 // steps and can give one step more: the inversion
-    records what ran and Sample walks the same schedule back."""
+def test_schedule_is_the_references_for_any_step_count(pack, smooth):
+    """Timesteps 1 + i * (1000 // steps), `steps` of them (diffusers' leading spacing with
+    offset 1, as the reference): the host's ddim_uniform for counts whose spacing fills the
+    range, where it runs one step more for the others (30 -> 31). The inversion records the
+    schedule and Sample walks it back."""
     import comfy.samplers
-    lat = _latent()
-    _, inv = invert(pack, smooth, lat, 3)
-    host = comfy.samplers.calculate_sigmas(smooth.model.get_model_object("model_sampling"), "ddim_uniform", 3)
-    assert torch.allclose(inv.sigmas, host.flip(0).float())
-    assert inv.trajectory.shape[0] == host.shape[0]
+    ms = smooth.model.get_model_object("model_sampling")
+    for steps in (3, 4, 30, 50, 999):
+        sig = pack.invert.ddim_sigmas(smooth.model, steps)
+        assert sig.shape == (steps + 1,) and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())
+        t = ms.timestep(sig[:-1]).round().long().flip(0)
+        assert torch.equal(t, torch.arange(steps) * (1000 // steps) + 1), steps
+        host = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).float()
+        if 1000 - steps * (1000 // steps) < 2:
+            assert torch.equal(sig, host), steps
+        else:
+            assert host.shape[0] == steps + 2, steps  # the host's schedule has one step more
+    assert [round(float(ms.timestep(s))) for s in pack.invert.ddim_sigmas(smooth.model, 50)[:3]] == [981, 961, 941]
+    with pytest.raises(ValueError, match="steps is 1000 but the model has 1000 timesteps: use at most 999"):
+        invert(pack, smooth, _latent(), 1000)
+    _, inv = invert(pack, smooth, _latent(), 7)
+    assert torch.equal(inv.sigmas, pack.invert.ddim_sigmas(smooth.model, 7).flip(0)) and inv.steps == 7
+    assert inv.trajectory.shape[0] == 8
     sample(pack, smooth, inv)
 
 
