@@ -290,6 +290,60 @@ def test_an_existing_replace_is_chained(env, plain):
     assert ("input", 1) in calls and ("middle", 0) in calls
 
 
+def test_a_chained_replace_gets_the_branches_of_its_rows(env):
+    """While modulation runs, the rows it does not modulate go to a replace set before the
+    patch (here one that splits its batch by branch, as IP-Adapter-like packs do) with a
+    `cond_or_uncond` that lists just those rows' branches; the bypass is logged once."""
+    import logging
+
+    import comfy.ldm.modules.attention as attention
+    seen = {"attn1": set(), "attn2": set()}
+
+    def by_branch(kind):
+        def attn(q, k, v, extra):
+            cu = extra["cond_or_uncond"]
+            assert q.shape[0] % len(cu) == 0, (q.shape, cu)
+            seen[kind].add(tuple(cu))
+            return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+        return attn
+
+    m = env["model"].clone()
+    for name, _ in m.model.diffusion_model.named_modules():
+        if name.endswith("transformer_blocks.0"):
+            parts = name.split(".")
+            kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
+            number = 0 if kind == "middle" else int(parts[1])
+            m.set_model_attn1_replace(by_branch("attn1"), kind, number, 0)
+            m.set_model_attn2_replace(by_branch("attn2"), kind, number, 0)
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(env["pack"] + ".videograin_core.st_layout_patch")
+    logger.addHandler(handler)
+    try:
+        for full_frame in (True, False):
+            sample(env, patch(env, model=m, end_percent=1.0, full_frame_attention=full_frame))
+    finally:
+        logger.removeHandler(handler)
+    # self-attention modulates the uncond branch: the chained replace gets the cond rows
+    # alone; cross-attention modulates cond: it gets the uncond rows alone
+    assert (0,) in seen["attn1"] and (1,) in seen["attn2"], seen
+    assert sum("another attention replace was set" in m for m in messages) == 2  # once per patched model
+
+
+def test_step_window_counts_steps_exactly():
+    """end_percent * steps that float arithmetic puts a hair above a whole number (0.28 * 50
+    = 14.000000000000002) must not let one more step in."""
+    from videograin_core.layout import Layout
+    from videograin_core.st_layout_patch import PatchOptions, STLayoutRuntime
+    lay = Layout().add(torch.ones(1, 16, 16), "x").with_spans([(1, 2)], 77)
+    schedule = torch.linspace(14.6, 0.0, 51)
+    for end, want in ((0.28, 14), (0.14, 7), (0.3, 15), (1.0, 50), (0.0, 0)):
+        rt = STLayoutRuntime(lay, PatchOptions(end_percent=end), None, lambda s: 1000 * s / 14.6, None)
+        active = sum(rt.step_weight({"sigmas": schedule[i:i + 1], "sample_sigmas": schedule}) > 0 for i in range(50))
+        assert active == want, (end, active)
+
+
 def test_layers_are_chosen_by_token_grid(env):
     rt_mod = import_module(env["pack"] + ".videograin_core.st_layout_patch")
     rt = rt_mod.STLayoutRuntime(env["layout"], rt_mod.PatchOptions(), None, None, None)

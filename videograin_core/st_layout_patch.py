@@ -21,6 +21,7 @@ per sigma) is computed once and cached.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,8 @@ import torch
 
 from .layout import Layout
 from .region_layout import SIZE_TERMS, RegionLayout, treg
+
+log = logging.getLogger(__name__)
 
 SELF_BRANCHES = {"uncond": (1,), "cond": (0,), "both": (0, 1)}
 
@@ -116,6 +119,7 @@ class STLayoutRuntime:
         self._steps: dict = {}
         self._by_frames: dict = {}
         self._last_schedule = (object(), None)
+        self._warned_batch = self._warned_bypass = False
 
     def videograin_fingerprint(self) -> dict:
         """What an inversion through this patch depends on (the inversion cache key).
@@ -201,11 +205,13 @@ class STLayoutRuntime:
             sched = torch.as_tensor(schedule).flatten().float().cpu()
             steps = max(1, sched.numel() - 1)
             idx = int(torch.argmin((sched - sigma.cpu()).abs()))
-            active = idx < self.options.end_percent * steps
+            # The tolerance keeps float products honest: 0.28 * 50 is 14.000000000000002,
+            # which would let a 15th step in.
+            active = idx < self.options.end_percent * steps - 1e-9
         t = float(torch.as_tensor(self.timestep_fn(sigma.reshape(1))).flatten()[0])
         if schedule is None:
             # No schedule (a caller outside the host's samplers): judge by the timestep.
-            active = t >= (1.0 - self.options.end_percent) * 1000.0
+            active = t >= (1.0 - self.options.end_percent) * 1000.0 - 1e-6
         w = self._steps[key] = treg(t) if active else 0.0
         return w
 
@@ -223,7 +229,13 @@ class STLayoutRuntime:
     def _batch(self, q, extra_options):
         cu = extra_options.get("cond_or_uncond")
         if not cu or q.shape[0] % len(cu):
-            return None  # not a sampler batch of chunks x frames: not ours
+            # not a sampler batch of chunks x frames (another wrapper changed it): not ours
+            if cu and not self._warned_batch:
+                self._warned_batch = True
+                log.warning("VideoGrain: an attention call got a batch of %d for %d cond/uncond parts (something "
+                            "else reshaped the batch): that call runs without full-frame attention or modulation",
+                            q.shape[0], len(cu))
+            return None
         return list(cu), q.shape[0] // len(cu)
 
     def _modulation_weight(self, extra_options) -> float:
@@ -274,8 +286,10 @@ class STLayoutRuntime:
                 rows = [i * frames + f for i in mod_chunks for f in range(frames)]
                 qr = kr = terms.frame_regions.repeat(len(mod_chunks), 1, 1)
                 cw = ((opts.self_strength * weight) * terms.self_size_frame).repeat(len(mod_chunks), 1)
+            self._note_bypass(previous)
             out = self._split_run(q2, k2, v2, rows, plain, extra_options,
-                                  lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw.to(qq.dtype)))
+                                  lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
+                                  rows_per_chunk=1 if opts.full_frame_attention and frames > 1 else frames)
             return out.reshape(q.shape[0], lq, -1)
 
         return attn1
@@ -302,19 +316,37 @@ class STLayoutRuntime:
             qr = terms.frame_regions.repeat(len(cond_chunks), 1, 1)
             cw = ((opts.cross_strength * weight) * terms.cross_size).repeat(len(cond_chunks), 1)
             rows = [i * frames + f for i in cond_chunks for f in range(frames)]
+            self._note_bypass(previous)
             return self._split_run(q, k, v, rows, inner, extra_options,
-                                   lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw.to(qq.dtype)))
+                                   lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
+                                   rows_per_chunk=frames)
 
         return attn2
 
+    def _note_bypass(self, previous: AttnFn | None) -> None:
+        # Modulated rows run this patch's own attention: a replace set before it (another
+        # pack's) cannot take part in them. Say so once rather than drop its effect silently.
+        if previous is not None and not self._warned_bypass:
+            self._warned_bypass = True
+            log.warning("VideoGrain: another attention replace was set on this model before the ST-Layout Patch; "
+                        "while the layout modulation is active (the first end_percent of the steps) the modulated "
+                        "rows (self-attention: %s branch, cross-attention: cond) run VideoGrain's attention "
+                        "without it; it still runs for the other rows and steps", self.options.self_branch)
+
     @staticmethod
-    def _split_run(q, k, v, rows, inner, extra_options, modulated):
-        """Rows `rows` through `modulated`, the rest through `inner`, reassembled in order."""
+    def _split_run(q, k, v, rows, inner, extra_options, modulated, rows_per_chunk):
+        """Rows `rows` through `modulated`, the rest through `inner`, reassembled in order.
+        Rows come in whole cond/uncond chunks of `rows_per_chunk`; `inner` is told which
+        chunks it got (its `cond_or_uncond`), as a replace that splits by branch expects."""
         b = q.shape[0]
         if len(rows) == b:
             return modulated(q, k, v)
         idx = torch.tensor(rows, device=q.device)
-        rest = torch.tensor([r for r in range(b) if r not in set(rows)], device=q.device)
+        rest_rows = [r for r in range(b) if r not in set(rows)]
+        rest = torch.tensor(rest_rows, device=q.device)
+        cu = extra_options.get("cond_or_uncond")
+        if cu:
+            extra_options = {**extra_options, "cond_or_uncond": [cu[r // rows_per_chunk] for r in rest_rows[::rows_per_chunk]]}
         out_mod = modulated(q[idx], k[idx], v[idx])
         out_rest = inner(q[rest], k[rest], v[rest], extra_options)
         out = out_mod.new_empty((b,) + tuple(out_mod.shape[1:]))
