@@ -2,12 +2,16 @@
 embeddings spliced in at its tokens (METHOD.md section 4), and the layout with the spans."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core.prompt_splice import find_span, interior_tokens
+from ..videograin_core.prompt_splice import interior_tokens, overlapping_spans, place_spans
 
 from .wire_types import LAYOUT
+
+log = logging.getLogger(__name__)
 
 
 def _token_key(tok):
@@ -63,13 +67,18 @@ class VideoGrainLayoutConditioning(io.ComfyNode):
         markers = set(empty[0])
 
         # Find every span before any encoding: a missing phrase is reported at once.
-        spans, locals_ = [], []
+        locals_, inner_tokens = [], []
         for r in layout.regions:
             l_tokens, l_windows = _windows(clip, r.prompt, "local_prompt")
             inner = interior_tokens(l_windows, markers)
-            span = find_span(g_windows, [t for t, _ in inner], markers, phrase=r.prompt, global_text=global_prompt)
-            spans.append(span)
+            inner_tokens.append([t for t, _ in inner])
             locals_.append((l_tokens, [p for _, p in inner]))
+        spans = place_spans(g_windows, inner_tokens, markers, layout.prompts, global_prompt)
+        for a, b in overlapping_spans(spans):
+            log.warning("VideoGrain: local prompts %r and %r share words of the global prompt %r (one has no "
+                        "occurrence of its own): the later one's embeddings overwrite the shared tokens. Write "
+                        "each region's words separately in the global prompt.",
+                        layout.prompts[a], layout.prompts[b], global_prompt)
 
         conds = clip.encode_from_tokens_scheduled(g_tokens)
         token_count = conds[0][0].shape[1]

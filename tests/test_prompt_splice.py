@@ -73,6 +73,32 @@ def test_span_beyond_77_tokens_and_across_a_window(pack, clip):
         find(g, [736, 1615], MARKERS, phrase="red car")
 
 
+def test_each_local_prompt_takes_an_occurrence_of_its_own(pack, clip):
+    place = pack.splice.place_spans
+
+    def spans(text, phrases):
+        locals_ = [[t for w in _ids(clip, p) for t in w if t not in MARKERS] for p in phrases]
+        return place(_ids(clip, text), locals_, MARKERS, phrases, text)
+    # [START, a, man, in, a, red, shirt, and, a, man]: the first-occurrence rule alone would
+    # put "man" at 2, inside the other prompt's words
+    assert spans("a man in a red shirt and a man", ["man", "man in a red shirt"]) == [(9, 10), (2, 7)]
+    assert spans("a man and a man", ["man", "man"]) == [(2, 3), (5, 6)]       # two instances, a word each
+    assert spans("a man and a woman", ["woman", "man"]) == [(5, 6), (2, 3)]   # no overlap: first occurrences
+    # no free occurrence: the first one, reported as an overlap
+    nested = spans("a man wearing sunglasses", ["man wearing sunglasses", "sunglasses"])
+    assert nested == [(2, 5), (4, 5)] and pack.splice.overlapping_spans(nested) == [(0, 1)]
+    # missing phrases are reported in region order
+    with pytest.raises(pack.splice.SpanError, match="'cat'"):
+        spans("a man", ["cat", "a blue bird in the sky"])
+
+
+def test_a_phrase_inside_a_longer_word_gets_a_hint(pack, clip):
+    assert len([t for t in _ids(clip, "spiderman")[0] if t not in MARKERS]) == 1  # one token: no "man" piece
+    with pytest.raises(pack.splice.SpanError, match=r"does not occur .*'man' is there only inside a longer word"):
+        pack.splice.find_span(_ids(clip, "a Spiderman"), _ids(clip, "man")[0][1:2], MARKERS, phrase="man",
+                              global_text="a Spiderman")
+
+
 # ---------------------------------------------------------------- splicing through the host CLIP
 def test_spliced_embeddings(comfy_host, pack, clip):
     text = "a Red Car and a batwoman on the road"
@@ -118,6 +144,25 @@ def test_long_prompt_is_spliced_in_its_window(comfy_host, pack, clip):
     g = clip.encode_from_tokens(clip.tokenize(text))
     assert torch.equal(cond[0, 83:85], red[0, 1:3])
     assert torch.equal(cond[0, :83], g[0, :83]) and torch.equal(cond[0, 85:], g[0, 85:])
+
+
+def test_shared_words_are_spliced_in_region_order_and_logged(comfy_host, pack, clip):
+    import logging
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(comfy_host.pack.__name__ + ".nodes.layout_conditioning")
+    logger.addHandler(handler)
+    try:
+        text = "a man wearing sunglasses"
+        (cond, _), = _encode(comfy_host, clip, text, _layout(pack, ["man wearing sunglasses", "sunglasses"]))[0]
+        _encode(comfy_host, clip, "a man in a red shirt and a man", _layout(pack, ["man", "man in a red shirt"]))
+    finally:
+        logger.removeHandler(handler)
+    assert sum("'man wearing sunglasses' and 'sunglasses' share words" in m for m in messages) == 1, messages
+    assert len(messages) == 1  # the second prompt had an occurrence of its own for each phrase
+    own = clip.encode_from_tokens(clip.tokenize("sunglasses"))
+    assert torch.equal(cond[0, 4], own[0, 1])  # the later region's embedding is the one at the shared token
 
 
 def test_errors_name_the_input(comfy_host, pack, clip):

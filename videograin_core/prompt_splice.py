@@ -35,9 +35,32 @@ def local_prompt_tokens(windows: Sequence[Sequence[Hashable]], markers: set) -> 
     return [t for t, _ in interior_tokens(windows, markers)]
 
 
+def _occurrences(global_windows, local, markers) -> tuple[list[Span], int | None]:
+    """Every occurrence of `local` inside one window (in order), and where the first one
+    that straddles a window boundary starts (None if none does)."""
+    stream = interior_tokens(global_windows, markers)
+    toks = [t for t, _ in stream]
+    n = len(local)
+    found, straddling = [], None
+    for i in range(len(toks) - n + 1):
+        if toks[i:i + n] == local:
+            start, last = stream[i][1], stream[i + n - 1][1]
+            if last - start == n - 1:
+                found.append((start, start + n))
+            elif straddling is None:
+                straddling = start
+    return found, straddling
+
+
+def _overlaps(a: Span, b: Span) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
 def find_span(global_windows: Sequence[Sequence[Hashable]], local: Sequence[Hashable], markers: set,
-              phrase: str = "", global_text: str = "") -> Span | None:
-    """[start, end) of the first occurrence of `local` among the global prompt's tokens.
+              phrase: str = "", global_text: str = "", taken: Sequence[Span] = ()) -> Span | None:
+    """[start, end) of the first occurrence of `local` among the global prompt's tokens
+    that overlaps none of `taken` (spans other local prompts hold); the first occurrence
+    when every one overlaps.
 
     Returns None for an empty local prompt (the region then has no text). Raises SpanError
     when the phrase is absent, or when its only occurrences straddle a window boundary
@@ -47,23 +70,35 @@ def find_span(global_windows: Sequence[Sequence[Hashable]], local: Sequence[Hash
     local = list(local)
     if not local:
         return None
-    stream = interior_tokens(global_windows, markers)
-    toks = [t for t, _ in stream]
-    n = len(local)
-    straddling = None
-    for i in range(len(toks) - n + 1):
-        if toks[i:i + n] == local:
-            start, last = stream[i][1], stream[i + n - 1][1]
-            if last - start == n - 1:
-                return start, start + n
-            if straddling is None:
-                straddling = start
+    found, straddling = _occurrences(global_windows, local, markers)
+    if found:
+        return next((s for s in found if not any(_overlaps(s, t) for t in taken)), found[0])
     if straddling is not None:
         raise SpanError(f"local prompt {phrase!r} crosses a 77-token window boundary of the global prompt "
                         f"(it starts at token {straddling}): CLIP encodes each window separately, so move the "
                         f"phrase or shorten the text before it. Global prompt: {global_text!r}")
+    hint = ""
+    if phrase.strip() and phrase.strip().lower() in global_text.lower():
+        hint = (f" ('{phrase.strip()}' is there only inside a longer word, which the tokenizer reads as other "
+                f"pieces: write it as a word of its own)")
     raise SpanError(f"local prompt {phrase!r} does not occur in the global prompt {global_text!r}: the global prompt "
-                    f"must contain every local prompt word for word (case does not matter)")
+                    f"must contain every local prompt word for word (case does not matter){hint}")
+
+
+def place_spans(global_windows: Sequence[Sequence[Hashable]], locals_: Sequence[Sequence[Hashable]], markers: set,
+                phrases: Sequence[str], global_text: str = "") -> list[Span | None]:
+    """The span of every local prompt. Each takes its first occurrence that no other local
+    prompt holds, longer prompts placed first, so "a man in a red shirt and a man" gives
+    "man in a red shirt" and "man" a span each (the first-occurrence rule alone would put
+    "man" inside the other's words, and one splice would overwrite the other). A prompt
+    with no free occurrence takes its first one (overlapping_spans reports it)."""
+    for local, phrase in zip(locals_, phrases):  # missing phrases are reported in region order
+        find_span(global_windows, local, markers, phrase=phrase, global_text=global_text)
+    spans: list[Span | None] = [None] * len(locals_)
+    for i in sorted(range(len(locals_)), key=lambda i: -len(locals_[i])):  # stable: region order on ties
+        spans[i] = find_span(global_windows, locals_[i], markers, phrase=phrases[i], global_text=global_text,
+                             taken=[s for s in spans if s is not None])
+    return spans
 
 
 def overlapping_spans(spans: Sequence[Span | None]) -> list[tuple[int, int]]:
@@ -73,9 +108,10 @@ def overlapping_spans(spans: Sequence[Span | None]) -> list[tuple[int, int]]:
     for a in range(len(spans)):
         for b in range(a + 1, len(spans)):
             sa, sb = spans[a], spans[b]
-            if sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]:
+            if sa is not None and sb is not None and _overlaps(sa, sb):
                 out.append((a, b))
     return out
 
 
-__all__ = ["Span", "SpanError", "interior_tokens", "local_prompt_tokens", "find_span", "overlapping_spans"]
+__all__ = ["Span", "SpanError", "interior_tokens", "local_prompt_tokens", "find_span", "place_spans",
+           "overlapping_spans"]
