@@ -135,7 +135,9 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
                 io.Float.Input("end_percent", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="modulate during this fraction of the steps (the first ones)"),
                 io.Combo.Input("self_branch", options=list(SELF_BRANCHES), default="uncond",
-                               tooltip="CFG branch whose self-attention is modulated (the reference: uncond)"),
+                               tooltip="CFG branch whose self-attention is modulated (the reference: uncond). "
+                                       "At cfg 1 the host runs no uncond branch, so 'uncond' modulates no "
+                                       "self-attention there (cross-attention still is)"),
                 io.Combo.Input("size_term", options=list(SIZE_TERMS), default="reference",
                                tooltip="self-attention size term: reference (/F*F*h*w) or paper (/F*h*w)"),
                 io.Boolean.Input("modulate_full_resolution", default=False,
@@ -148,6 +150,7 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
     def execute(cls, model, layout, full_frame_attention=True, self_strength=0.3, cross_strength=1.0,
                 end_percent=0.3, self_branch="uncond", size_term="reference",
                 modulate_full_resolution=False) -> io.NodeOutput:
+        import comfy.model_sampling
         import comfy.patcher_extension
 
         blocks = _check_sd15(model)
@@ -158,6 +161,12 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
         if getattr(layout, "regions", None) is None:
             raise ValueError("layout: expected a VIDEOGRAIN_LAYOUT from VideoGrain Layout Conditioning")
         model_sampling = model.get_model_object("model_sampling")
+        if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+            # treg reads the 0..999 timestep of discrete sampling; other samplings map sigma elsewhere
+            logging.warning("VideoGrain: the model's sampling is %s, not SD1.5's discrete schedule: treg(t) expects "
+                        "timesteps 0..999, so the layout modulation will be about 0. Remove the model sampling "
+                        "patch (e.g. ModelSamplingContinuousEDM) before the ST-Layout Patch.",
+                        type(model_sampling).__name__)
         runtime = STLayoutRuntime(layout, options, _host_attention, model_sampling.timestep, layout_attention,
                                   frames_attention=_frames_attention)
 

@@ -331,6 +331,24 @@ def test_a_chained_replace_gets_the_branches_of_its_rows(env):
     assert sum("another attention replace was set" in m for m in messages) == 2  # once per patched model
 
 
+def test_continuous_model_sampling_is_warned_about(env):
+    """treg reads discrete 0..999 timesteps: a model patched to continuous sampling would get
+    almost no modulation, which the patch says when it is applied."""
+    import logging
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        patch(env)
+        assert not [m for m in messages if "not SD1.5's discrete schedule" in m]
+        edm = env["cls"]["ModelSamplingContinuousEDM"]().patch(env["model"], "eps", 120.0, 0.002)[0]
+        patch(env, model=edm)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [m for m in messages if "sampling is ModelSamplingAdvanced, not SD1.5's discrete schedule" in m]
+
+
 def test_step_window_counts_steps_exactly():
     """end_percent * steps that float arithmetic puts a hair above a whole number (0.28 * 50
     = 14.000000000000002) must not let one more step in."""
