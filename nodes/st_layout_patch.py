@@ -62,7 +62,7 @@ def frames_attention_kernel(device: torch.device):
     On the CPU the host uses its sub-quadratic fallback unless told otherwise. That
     function sizes its query chunks to free memory and holds [chunk x all keys] logits per
     head: right for one frame's keys, but with F frames' keys its memory grows with F
-    squared (about 1 GiB for 64 frames of 8x8 tokens) and it runs 3-4x slower than torch's
+    squared (about 2 GiB for 64 frames of 8x8 tokens) and it runs 3-4x slower than torch's
     fused CPU kernel. There the host's own SDPA function (registered as "pytorch") takes
     its place. A choice the user made (--use-quad/split-cross-attention, any GPU setup) is
     kept, and so is everything when VIDEOGRAIN_FULL_FRAME_ATTENTION=host."""

@@ -39,14 +39,16 @@ NOTES = {
     "instance_level_edit": (
         "Instance-level edit: one region per person plus the background, each with its own "
         "local prompt. Every local prompt must appear word for word inside the global prompt. "
-        "Region masks: one PNG per frame per region in input/videograin/masks/<region>/ "
+        "Region masks: one PNG per frame per region in input/vtest_two_people_masks/<region>/ "
         "(any MASK source works: SAM2, the mask editor, core mask nodes)."),
     "class_level_edit": (
         "Class-level edit: one region for all people (the union of their masks) and one for "
         "the background."),
     "part_level_edit": (
         "Part-level edit: the head region is carved out of the left person's region "
-        "(MaskComposite subtract), so the person keeps its identity while the part changes."),
+        "(MaskComposite subtract) and gets the new part; the rest of the person, the other "
+        "person and the background get prompts that describe the source, so only the head "
+        "changes."),
 }
 
 BUILD_JS = """async ([api, name, note]) => {
