@@ -71,8 +71,14 @@ class VideoGrainSaveVideo(io.ComfyNode):
             if hidden.extra_pnginfo is not None:
                 for k, v in hidden.extra_pnginfo.items():
                     metadata[k] = json.dumps(v)
+        output_dir = folder_paths.get_output_directory()
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])
+            filename_prefix, output_dir, images.shape[2], images.shape[1])
+        real_out = os.path.realpath(output_dir)
+        if os.path.commonpath([real_out, os.path.realpath(folder)]) != real_out:
+            # the host compares plain paths: a symlinked folder inside output/ could lead out
+            raise ValueError(f"filename_prefix {filename_prefix!r} leads out of the output folder through a "
+                             f"symbolic link: choose a prefix whose folders are inside the output folder")
         results = []
         for suffix, frames in (("", images), ("sbs", sbs)):
             if frames is None:

@@ -3,6 +3,7 @@ Video Loader -> Region Mask -> Local Prompt -> Layout Conditioning -> ST-Layout 
 DDIM Invert -> Sample -> Decode -> Save Video."""
 from __future__ import annotations
 
+import json
 import os
 from importlib import import_module
 
@@ -72,6 +73,25 @@ def test_save_writes_h264_mp4_and_side_by_side(comfy_host):
         save.execute(images=edit, fps=0.0, filename_prefix="vg_save/x")
 
 
+def test_save_refuses_a_symlinked_folder_that_leads_out(comfy_host, tmp_path):
+    save = _node(comfy_host, "save_video", "VideoGrainSaveVideo")
+    outdir = comfy_host.folder_paths.get_output_directory()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    link = os.path.join(outdir, "vg_link_out")
+    if not os.path.lexists(link):
+        os.symlink(outside, link)
+    with pytest.raises(ValueError, match=r"filename_prefix 'vg_link_out/x' leads out of the output folder"):
+        save.execute(images=torch.rand(2, 16, 16, 3), fps=8.0, filename_prefix="vg_link_out/x")
+    assert not os.listdir(outside)
+    inside = os.path.join(outdir, "vg_link_in")  # a link that stays inside is fine
+    os.makedirs(os.path.join(outdir, "vg_real"), exist_ok=True)
+    if not os.path.lexists(inside):
+        os.symlink(os.path.join(outdir, "vg_real"), inside)
+    save.execute(images=torch.rand(2, 16, 16, 3), fps=8.0, filename_prefix="vg_link_in/x")
+    assert [f for f in os.listdir(os.path.join(outdir, "vg_real")) if f.endswith(".mp4")]
+
+
 def test_side_by_side_and_writing_go_a_frame_at_a_time(comfy_host, tmp_path):
     """The side-by-side frames are made lazily (per-frame resize = the batched reference);
     write_video encodes an iterator of frames exactly as it encodes the stacked tensor, and
@@ -123,6 +143,10 @@ def test_full_edit_chain_through_the_server(comfy_server, test_models):
     sbs = probe(os.path.join(comfy_server.output_dir, saved[1]["subfolder"], saved[1]["filename"]))
     assert edit["frames"] == 4 and edit["size"] == (96, 64) and edit["fps"] == pytest.approx(6.0)
     assert sbs["frames"] == 4 and sbs["size"] == (192, 64)
+    # The workflow travels in the file, as ComfyUI's own video nodes put it there
+    with av.open(os.path.join(comfy_server.output_dir, saved[0]["subfolder"], saved[0]["filename"])) as c:
+        stored = json.loads(c.metadata["prompt"])
+    assert {k: v["class_type"] for k, v in stored.items()} == {k: v["class_type"] for k, v in prompt.items()}
     # The inversion was cached in the host's persistent user folder, never in temp.
     cache = os.path.join(os.path.dirname(comfy_server.output_dir), "user", "__videograin_cache")
     assert [f for f in os.listdir(cache) if f.endswith(".safetensors")]

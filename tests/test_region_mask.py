@@ -4,6 +4,7 @@ images; paths stay inside the input folder."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -230,6 +231,62 @@ def test_damaged_mask_image_names_the_file(comfy_host, core):
         f.truncate(30)
     with pytest.raises(ValueError, match=r"mask image '3\.png' could not be read \(\w+\): the file is damaged"):
         _run(node, path="vg_masks/damaged", transform=t, threshold=0.5, channel="luminance")
+
+
+def test_16_bit_masks_and_alpha_that_the_decoder_drops(comfy_host, core):
+    """A 16-bit greyscale PNG keeps its values (8-bit conversion clipped them all to white);
+    a mask video asked for alpha whose frames decode without alpha (webm VP9 through
+    FFmpeg's own decoder) is refused instead of reading as all inside."""
+    import av
+    from PIL import Image
+    node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
+    inp = comfy_host.folder_paths.get_input_directory()
+    t = _transform(core)
+    deep = np.zeros((24, 40), np.uint16)
+    deep[:, :20] = 60000   # 0.92: inside
+    deep[:, 20:] = 10000   # 0.15: outside (8-bit conversion made this 255 too)
+    Image.fromarray(deep).save(os.path.join(inp, "vg_mask16.png"))
+    assert Image.open(os.path.join(inp, "vg_mask16.png")).mode.startswith("I")
+    (m,) = _run(node, path="vg_mask16.png", transform=t, threshold=0.5, channel="luminance")
+    want = t.apply_spatial(torch.from_numpy(deep[None, None].astype(np.float32) / 65535), mode="nearest")[0] > 0.5
+    assert torch.equal(m.bool(), want) and 0 < m.mean() < 1
+
+    path = os.path.join(inp, "vg_alpha.webm")
+    with av.open(path, "w") as c:
+        s = c.add_stream("libvpx-vp9", rate=8)
+        s.width, s.height, s.pix_fmt = 40, 24, "yuva420p"
+        for _ in range(6):
+            rgba = np.full((24, 40, 4), 255, np.uint8)
+            rgba[:, :20, 3] = 0  # left half transparent
+            for p in s.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    try:
+        (a,) = _run(node, path="vg_alpha.webm", transform=t, threshold=0.5, channel="alpha")
+    except ValueError as e:  # this FFmpeg drops webm alpha: said so
+        assert re.search(r"mask video 'vg_alpha\.webm': channel 'alpha' was asked for but its frames decode "
+                         r"without alpha", str(e)), e
+    else:  # a decoder that keeps the alpha: then it must be the real one, not all opaque
+        opaque = torch.zeros(6, 24, 40)
+        opaque[:, :, 20:] = 1
+        assert torch.equal(a.bool(), _expected(t, opaque))
+
+
+def test_a_phone_rotated_mask_video_is_turned_like_the_frames(comfy_host, core):
+    from test_video_loader import _rotate_mp4_display, _write
+    node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
+    inp = comfy_host.folder_paths.get_input_directory()
+    stored = np.full((3, 48, 64, 3), 10, np.uint8)
+    stored[:, :, :16] = 245  # the left 16 columns of the stored (landscape) pixels
+    path = os.path.join(inp, "vg_mask_rotated.mp4")
+    _write(path, stored)
+    _rotate_mp4_display(path)
+    t = core.ft.plan_transform((48, 64), 3)  # the loader plans the upright (portrait) size
+    (m,) = _run(node, path="vg_mask_rotated.mp4", transform=t, threshold=0.5, channel="luminance")
+    want = torch.zeros(3, 64, 48, dtype=torch.bool)
+    want[:, :16, :] = True  # turned clockwise: the left columns became the top rows
+    assert torch.equal(m.bool(), want)
 
 
 def test_from_file_refuses_paths_out_of_the_input_folder(comfy_host, core, tmp_path):

@@ -247,3 +247,112 @@ def test_bad_inputs_fail_clearly_through_the_server(comfy_server, tmp_path):
         assert comfy_server.alive(), "the server must keep serving"
     entry = comfy_server.run(_loader_prompt("ok.mp4", frame_load_cap=3), timeout=120)
     assert len(entry["outputs"]["2"]["images"]) == 3
+
+
+# ---------------------------------------------------------------- awkward but valid files
+def _write(path, frames, fps=12, codec="libx264", pix_fmt="yuv420p", pts=None, audio_seconds=0.0, metadata=None):
+    """Frames [n, h, w, 3] uint8 to `path`; `pts` (in 1/1000 s) for variable frame rates,
+    `audio_seconds` of silence in a second stream."""
+    import av
+    with av.open(path, mode="w") as c:
+        for k, v in (metadata or {}).items():
+            c.metadata[k] = v
+        s = c.add_stream(codec, rate=Fraction(fps))
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        a = c.add_stream("aac", rate=8000) if audio_seconds else None
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], Fraction(1, 1000)
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+        if a is not None:
+            for j in range(int(audio_seconds * 8000) // 1024):
+                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                af.sample_rate, af.pts = 8000, j * 1024
+                for p in a.encode(af):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)
+
+
+def _rotate_mp4_display(path):
+    """Set the video track's display matrix (tkhd) to a 90 degree clockwise turn, as phones
+    store portrait clips: the pixels stay landscape, players turn them."""
+    import struct
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"tkhd")
+    assert at > 0 and data[at + 4] == 0  # version 0 box: 32-bit times
+    matrix = at + 4 + 4 + 5 * 4 + 8 + 4 * 2  # after version/flags, times/id/duration, reserved, layer..volume
+    struct.pack_into(">9i", data, matrix, 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    open(path, "wb").write(data)
+
+
+def test_phone_rotation_is_applied(comfy_host, input_dir):
+    frames = np.full((3, 48, 64, 3), 20, np.uint8)
+    frames[:, :16, :16] = 230  # a bright block at the top left of the stored (landscape) pixels
+    path = os.path.join(input_dir, "rotated.mp4")
+    _write(path, frames)
+    _rotate_mp4_display(path)
+    images, _, count, tr = load(comfy_host, "rotated.mp4")
+    # turned clockwise: portrait, and the block is now at the top right
+    assert images.shape == (3, 64, 48, 3) and tr.source_size == (48, 64), images.shape
+    assert images[0, :12, -12:].mean() > 0.8 and images[0, :12, :12].mean() < 0.2
+
+
+def test_webm_frame_count_ignores_longer_audio_and_fps_follows_variable_timing(comfy_host, input_dir):
+    """webm/mkv store no frame count: 30 frames beside 3 s of audio are 30 (the container's
+    duration would say 96), and a variable frame rate gets its mean rate, not the nominal."""
+    _write(os.path.join(input_dir, "audio_long.mkv"), pattern(30, 32, 32), fps=30, audio_seconds=3.0)
+    images, fps, count, tr = load(comfy_host, "audio_long.mkv", frame_load_cap=4)
+    assert count == 4 and tr.source_frame_count == 30 and fps == pytest.approx(30.0)
+    # 60 frames over 2.36 s with a nominal rate of 100: the mean is about 25 fps
+    pts = np.cumsum([0] + [20 if i % 2 else 60 for i in range(59)]).tolist()
+    _write(os.path.join(input_dir, "vfr.mkv"), pattern(60, 32, 32), fps=100, pts=pts)
+    images, fps, count, tr = load(comfy_host, "vfr.mkv", skip_first_frames=15)
+    assert count == 45 and tr.source_frame_count == 60
+    assert fps == pytest.approx(59 / (pts[-1] / 1000), rel=1e-3)
+
+
+def test_tags_that_are_not_utf8_do_not_block_the_file(comfy_host, input_dir):
+    path = os.path.join(input_dir, "latin1_tags.mp4")
+    _write(path, pattern(3, 32, 32), metadata={"title": "cafe-XX"})
+    data = open(path, "rb").read()
+    open(path, "wb").write(data.replace(b"cafe-XX", b"caf\xe9-\xff\xfe"))  # same length, not UTF-8
+    images, _, count, _ = load(comfy_host, "latin1_tags.mp4")
+    assert count == 3
+
+
+def test_a_damaged_stretch_keeps_the_frames_before_it(comfy_host, input_dir):
+    """A packet the decoder rejects after good frames (FFmpeg's InvalidDataError, which is
+    also a ValueError): the good frames load, no raw decoder error reaches the user. The
+    damage is 30 seeded random bytes in the second half of an MJPEG mkv; the first seed
+    whose plain decode fails that way is used, and the test insists there is one."""
+    import av
+    path = os.path.join(input_dir, "broken_tail.mkv")
+    frames = np.random.default_rng(99).integers(0, 256, (40, 48, 64, 3), dtype=np.uint8)
+    for seed in range(10):
+        _write(path, frames, codec="mjpeg", pix_fmt="yuvj420p")
+        data = bytearray(open(path, "rb").read())
+        rng = np.random.default_rng(seed)
+        at = int(rng.integers(len(data) // 2, len(data) - 100))
+        data[at:at + 30] = rng.integers(0, 256, 30, dtype=np.uint8).tobytes()
+        open(path, "wb").write(bytes(data))
+        good = 0
+        with av.open(path) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"
+            try:
+                for _ in c.decode(stream):
+                    good += 1
+            except av.error.FFmpegError:
+                break
+    else:
+        pytest.fail("no seed gave a decoder error: this FFmpeg conceals the damage; pick other damage")
+    assert 1 <= good < 40
+    images, _, count, tr = load(comfy_host, "broken_tail.mkv")
+    assert count == good and images.shape[0] == good

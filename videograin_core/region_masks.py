@@ -19,9 +19,8 @@ import torch
 
 from .frame_transform import FrameTransform
 from .input_paths import InputPathError, is_inside, resolve_inside
-from .video_io import open_video
+from .video_io import VIDEO_EXTENSIONS, open_video, upright_pixels
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CHANNELS = ("luminance", "alpha", "red", "green", "blue")
 
@@ -143,6 +142,12 @@ def safe_input_path(base_dir: str, relative: str, what: str = "path") -> str:
 def _image_channel(img, channel: str) -> np.ndarray:
     from PIL import ImageOps
     img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit greyscale: converting to 8-bit modes would clip every value above 255
+        # (so nearly everything) to white; read the values themselves
+        if channel == "alpha":
+            return np.ones(img.size[::-1], np.float32)  # no alpha channel: all opaque, as PIL's RGBA has it
+        return np.clip(np.asarray(img).astype(np.float32) / 65535.0, 0.0, 1.0)
     if channel == "alpha":
         if "A" not in img.getbands():
             img = img.convert("RGBA")
@@ -182,6 +187,11 @@ def list_sequence(folder: str, base_dir: str) -> list[str]:
     return files
 
 
+def _has_alpha(fmt) -> bool:
+    # a palette (GIF) may hold transparency too
+    return bool(fmt.has_palette or any(c.is_alpha for c in fmt.components))
+
+
 def _video_mask_frames(path: str, channel: str) -> Iterator[torch.Tensor]:
     import av
     from PIL import Image
@@ -191,7 +201,13 @@ def _video_mask_frames(path: str, channel: str) -> Iterator[torch.Tensor]:
         i = 0
         try:
             for frame in container.decode(container.streams.video[0]):
-                yield torch.from_numpy(_image_channel(Image.fromarray(frame.to_ndarray(format=fmt)), channel))
+                if channel == "alpha" and not _has_alpha(frame.format):
+                    # webm alpha travels beside the picture and FFmpeg's own VP8/VP9 decoders
+                    # drop it: without this check every pixel would read as inside the region
+                    raise ValueError(f"mask video {label!r}: channel 'alpha' was asked for but its frames decode "
+                                     f"without alpha ({frame.format.name}): save the mask as PNG frames (with "
+                                     f"alpha) or as black-and-white video and use channel 'luminance'")
+                yield torch.from_numpy(_image_channel(Image.fromarray(upright_pixels(frame, fmt)), channel))
                 i += 1
         except av.error.FFmpegError as e:  # a broken packet mid-stream
             raise ValueError(f"mask video {label!r}: frame {i} could not be decoded ({e.__class__.__name__}): the "

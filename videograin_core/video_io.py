@@ -52,7 +52,9 @@ def open_video(path: str, label: str, what: str = "video"):
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {label!r} is empty (0 bytes): upload the file again")
     try:
-        container = av.open(path)
+        # Tags in another encoding than UTF-8 (old cameras, Windows taggers) must not make a
+        # playable file unreadable.
+        container = av.open(path, metadata_errors="replace")
     except av.error.FFmpegError as e:
         raise ValueError(f"{what} {label!r} could not be read as a video ({e.__class__.__name__}: {e}): "
                          "the file is damaged or not a video; re-encode it (e.g. to h264 mp4) or pick another file") from None
@@ -62,20 +64,57 @@ def open_video(path: str, label: str, what: str = "video"):
     return container
 
 
-def _stream_info(stream) -> VideoInfo:
+def _stream_info(path: str, label: str, stream) -> VideoInfo:
     cc = stream.codec_context
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     count = int(stream.frames or 0)
     if count <= 0:
-        # webm/mkv carry no frame count: derive it from the duration when there is one.
-        duration = None
-        if stream.duration and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif stream.container is not None and stream.container.duration:
-            duration = stream.container.duration / 1_000_000
-        count = int(round(duration * fps)) if duration and fps else 0
+        # webm/mkv store no frame count, and a count from the duration is a guess (the
+        # container's duration covers its audio too; variable frame rates miss it by far):
+        # count the packets instead, one per frame, reading the file without decoding it.
+        count, mean_fps = _count_frames(path, label)
+        if mean_fps and (not fps or abs(mean_fps - fps) > 0.01 * fps):
+            # the nominal rate is not the real one (variable frame rate); within 1 % it is
+            # and the difference is the timestamps' rounding (webm counts milliseconds)
+            fps = mean_fps
     return VideoInfo(int(cc.width), int(cc.height), count or None, fps, cc.name)
+
+
+def _count_frames(path: str, label: str) -> tuple[int, float | None]:
+    """Frames of the first video stream by demuxing its packets, and their mean rate from
+    the first and last timestamps (None when the timestamps do not tell)."""
+    container = open_video(path, label)
+    try:
+        stream = container.streams.video[0]
+        n, first, last = 0, None, None
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream marker
+            n += 1
+            if packet.pts is not None:
+                first = packet.pts if first is None else min(first, packet.pts)
+                last = packet.pts if last is None else max(last, packet.pts)
+        span = float((last - first) * stream.time_base) if first is not None and stream.time_base else 0.0
+    except Exception:  # a damaged file: decoding will say what is wrong
+        return 0, None
+    finally:
+        container.close()
+    return n, ((n - 1) / span if n > 1 and span > 0 else None)
+
+
+def quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that make a decoded frame upright: phone videos are
+    stored sideways with a display rotation in their metadata, which the decoder reports
+    but does not apply."""
+    return round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def upright_pixels(frame, fmt: str, turns: int | None = None) -> np.ndarray:
+    """The frame as an [H, W, C] array in `fmt`, turned upright."""
+    a = frame.to_ndarray(format=fmt)
+    turns = quarter_turns(frame) if turns is None else turns
+    return np.ascontiguousarray(np.rot90(a, k=turns)) if turns else a
 
 
 def probe_video(path: str, label: str | None = None) -> VideoInfo:
@@ -83,7 +122,7 @@ def probe_video(path: str, label: str | None = None) -> VideoInfo:
     label = label or os.path.basename(path)
     container = open_video(path, label)
     try:
-        info = _stream_info(container.streams.video[0])
+        info = _stream_info(path, label, container.streams.video[0])
     finally:
         container.close()
     if info.width <= 0 or info.height <= 0:
@@ -116,26 +155,32 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
     request whose estimate exceeds it is refused before anything is decoded (and again
     while decoding, when the container did not tell the frame count).
     """
+    import av
     label = label or os.path.basename(path)
     container = open_video(path, label)
     try:
         stream = container.streams.video[0]
-        info = _stream_info(stream)
+        info = _stream_info(path, label, stream)
         if info.width <= 0 or info.height <= 0:
             raise ValueError(f"video {label!r} reports no frame size: the file is damaged; re-encode it")
         # Plan with the metadata count; unknown counts plan with a cap-sized guess and the
         # real indices are recorded while decoding.
         meta_count = info.frame_count
         plan_count = meta_count if meta_count else skip_first + max(frame_cap, 1) * every_nth
-        transform = plan_transform((info.width, info.height), plan_count, skip_first=skip_first, every_nth=every_nth,
-                                   frame_cap=frame_cap, short_side=short_side, crop=crop, multiple_of=multiple_of)
-        if meta_count is not None and transform.frame_count == 0:
+        plan = dict(skip_first=skip_first, every_nth=every_nth, frame_cap=frame_cap, short_side=short_side, crop=crop,
+                    multiple_of=multiple_of)
+        sizes = plan_transform((info.width, info.height), 0, **plan)  # the sizes alone, no frame list yet
+        kept_count = len(range(skip_first, plan_count, max(every_nth, 1))[:frame_cap or None])
+        if meta_count is not None and kept_count == 0:
             raise ValueError(f"video {label!r} has {meta_count} frames: skip_first_frames={skip_first} leaves none; "
                              "lower skip_first_frames")
         if memory_limit is not None and (meta_count or frame_cap):
-            need = estimate_load_bytes(transform)
+            # checked before the frame list is built: a damaged header claiming a billion
+            # frames is refused here, not after building a billion indices
+            need = estimate_load_bytes(sizes, kept_count)
             if need > memory_limit:
                 raise _too_big(label, need, memory_limit)
+        transform = plan_transform((info.width, info.height), plan_count, **plan)
 
         stream.thread_type = "AUTO"
         kept: list[torch.Tensor] = []
@@ -146,14 +191,14 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
                 decoded = i + 1
                 if i < skip_first or (i - skip_first) % every_nth:
                     continue  # not kept: never converted to pixels
-                if (frame.width, frame.height) != transform.source_size:
+                turns = quarter_turns(frame)
+                upright = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+                if upright != transform.source_size:
                     if kept:
                         raise ValueError(f"video {label!r} changes frame size mid-stream "
-                                         f"({transform.source_size} -> {(frame.width, frame.height)}): re-encode it")
-                    transform = plan_transform((frame.width, frame.height), plan_count, skip_first=skip_first,
-                                               every_nth=every_nth, frame_cap=frame_cap, short_side=short_side,
-                                               crop=crop, multiple_of=multiple_of)
-                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)[None]
+                                         f"({transform.source_size} -> {upright}): re-encode it")
+                    transform = plan_transform(upright, plan_count, **plan)
+                rgb = torch.from_numpy(upright_pixels(frame, "rgb24", turns)).permute(2, 0, 1)[None]
                 out = transform.apply_spatial(rgb)
                 if out.dtype != torch.uint8:
                     out = out.round_().clamp_(0, 255).to(torch.uint8)
@@ -165,9 +210,14 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
                         raise _too_big(label, need, memory_limit)
                 if frame_cap and len(kept) >= frame_cap:
                     break
+        except av.error.FFmpegError as e:  # broken bitstreams (some of these are ValueErrors too)
+            if not kept:
+                raise ValueError(f"video {label!r} could not be decoded ({e.__class__.__name__}: {e}): the file is "
+                                 "damaged; re-encode it or pick another file") from None
+            # A damaged tail: keep what decoded cleanly (players do the same).
         except ValueError:
-            raise
-        except Exception as e:  # av.error.*, broken bitstreams
+            raise  # ours: size changes, memory
+        except Exception as e:  # anything else the decoder throws
             if not kept:
                 raise ValueError(f"video {label!r} could not be decoded ({e.__class__.__name__}: {e}): the file is "
                                  "damaged; re-encode it or pick another file") from None
@@ -216,7 +266,11 @@ def write_video(path: str, frames, fps: float, *, codec: str = "libx264", crf: i
     ph, pw = h + (h % 2), w + (w % 2)
     tmp = path + ".partial"
     ext = os.path.splitext(path)[1].lstrip(".") or "mp4"
-    container = av.open(tmp, mode="w", format={"mkv": "matroska"}.get(ext, ext))
+    fmt = {"mkv": "matroska"}.get(ext, ext)
+    # mp4/mov muxers keep only the tags they know unless told to write all of them: without
+    # this the workflow and prompt JSON would silently not be in the file
+    options = {"movflags": "use_metadata_tags"} if fmt in ("mp4", "mov") and metadata else None
+    container = av.open(tmp, mode="w", format=fmt, options=options)
     try:
         for k, v in (metadata or {}).items():
             container.metadata[k] = v
