@@ -169,7 +169,8 @@ class VideoGrainDDIMInvert(io.ComfyNode):
                 io.Latent.Input("latent", optional=True, tooltip="The frames' latent (VAE Encode). Or give images + vae."),
                 io.Image.Input("images", optional=True, tooltip="Frames to encode here (when no latent is given)."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes `images` (distribution mean, deterministic)."),
-                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Int.Input("steps", default=50, min=2, max=999,
+                             tooltip="DDIM steps (the reference: 50); Sample walks the same schedule back"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance during inversion; 1 = no guidance (reference). Other values "
                                        "need a negative conditioning."),

@@ -32,18 +32,30 @@ def _cell(text) -> str:
     return " ".join(str(text or "").split()).replace("|", "\\|")
 
 
+def _range(i) -> str:
+    """min..max (and step) of a number input, the choices of a combo."""
+    options = getattr(i, "options", None)
+    if options:
+        return ", ".join(str(o) for o in options)
+    lo, hi, step = (getattr(i, k, None) for k in ("min", "max", "step"))
+    if lo is None and hi is None:
+        return ""
+    return f"{lo if lo is not None else ''}..{hi if hi is not None else ''}" + (f", step {step}" if step else "")
+
+
 def render(classes) -> str:
     lines = ["# Node reference", "",
              "Generated from the nodes' schemas by `scripts/node_reference.py`; the tooltips in the UI say the same.", ""]
     for cls in classes:
         s = cls.GET_SCHEMA()
         lines += [f"## {s.display_name or s.node_id}", "", f"Node id `{s.node_id}`, category `{s.category}`.", "",
-                  _cell(s.description), "", "| input | type | default | what it does |", "|---|---|---|---|"]
+                  _cell(s.description), "", "| input | type | default | range | what it does |", "|---|---|---|---|---|"]
         for i in s.inputs:
             d = getattr(i, "default", None)
             lines.append(f"| `{i.id}`{' (optional)' if i.optional else ''} | {i.io_type} | "
-                         f"{'' if d is None else _cell(repr(d))} | {_cell(i.tooltip)} |")
-        lines += ["", "Outputs: " + ", ".join(f"`{o.display_name or o.id}` ({o.io_type})" for o in s.outputs), ""]
+                         f"{'' if d is None else _cell(repr(d))} | {_cell(_range(i))} | {_cell(i.tooltip)} |")
+        outputs = ", ".join(f"`{o.display_name or o.id}` ({o.io_type})" for o in s.outputs)
+        lines += ["", "Outputs: " + (outputs or "none (an output node: it writes files)"), ""]
     return "\n".join(lines)
 
 

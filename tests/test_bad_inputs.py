@@ -342,7 +342,7 @@ CASES = [
     # Model, sampling settings, latents
     ("non-sd15-model", sd2_model, "patch", r"model: VideoGrain needs a Stable Diffusion 1\.5 family UNet.*context_dim 1024"),
     ("invert-steps-0", put("inv", steps=0), "inv", r"steps"),
-    ("invert-steps-1", put("inv", steps=1), "inv", r"steps is 1: DDIM inversion needs at least 2 steps"),
+    ("invert-steps-1", put("inv", steps=1), "inv", r"Value 1 smaller than min of 2\", \"details\": \"steps"),  # the range
     ("invert-cfg-0-no-negative", put("inv", cfg=0.0), "inv", r"cfg is 0\.0 but no negative conditioning is connected"),
     ("invert-nothing", drop("inv", "latent"), "inv", r"nothing to invert: connect a latent"),
     ("sample-cfg-0", put("sample", cfg=0.0), None, positive_is_ignored),
