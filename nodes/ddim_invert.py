@@ -23,7 +23,7 @@ import torch
 from comfy_api.latest import io
 
 from ..videograin_core import ddim
-from ..videograin_core.inversion_cache import InversionCache, make_key, tensor_digest
+from ..videograin_core.inversion_cache import DEFAULT_MAX_BYTES, InversionCache, make_key, tensor_digest
 
 from .wire_types import INVERSION as Inversion
 DISABLE_MODULATION_KEY = "videograin_disable_modulation"
@@ -34,6 +34,17 @@ def cache_folder() -> str:
     if hasattr(folder_paths, "get_system_user_directory"):
         return folder_paths.get_system_user_directory(CACHE_NAME)
     return os.path.join(folder_paths.get_user_directory(), "__" + CACHE_NAME)
+
+
+def cache_max_bytes() -> int:
+    """The cache folder's bound: VIDEOGRAIN_CACHE_MAX_GB (GiB, default 10); the least
+    recently used inversions are deleted beyond it."""
+    raw = os.environ.get("VIDEOGRAIN_CACHE_MAX_GB", "").strip()
+    try:
+        return int(max(float(raw), 0.0) * 2**30) if raw else DEFAULT_MAX_BYTES
+    except ValueError:
+        logging.warning("VideoGrain: VIDEOGRAIN_CACHE_MAX_GB=%r is not a number; using the default", raw)
+        return DEFAULT_MAX_BYTES
 
 
 # ---------------------------------------------------------------- host glue shared with Sample
@@ -215,7 +226,7 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         sigmas = ddim_sigmas(m, steps).flip(0)  # ascending: 0, s_1, ..., s_max
         guided = not math.isclose(cfg, 1.0)
 
-        cache = InversionCache(cache_folder())
+        cache = InversionCache(cache_folder(), max_bytes=cache_max_bytes())
         if use_cache:
             # Images are keyed by the pixels (every value hashed) and the VAE, so a hit skips the encode.
             source_key = ({"latent": samples} if samples is not None

@@ -208,6 +208,17 @@ def test_cache_key_follows_the_prediction_type_and_fp8_models_are_keyed(pack, sm
     assert torch.equal(a_lat, b_lat) and len(_cache_files(cache_dir)) == 4
 
 
+def test_cache_bound_comes_from_the_environment(pack, smooth, cache_dir, monkeypatch):
+    monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", "1e-9")  # about one byte: only the newest entry stays
+    invert(pack, smooth, _latent(seed=20), 2, use_cache=True)
+    invert(pack, smooth, _latent(seed=21), 2, use_cache=True)
+    assert len(_cache_files(cache_dir)) == 1
+    monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", "lots")
+    assert pack.invert.cache_max_bytes() == pack.cache.DEFAULT_MAX_BYTES == 10 * 2**30
+    monkeypatch.delenv("VIDEOGRAIN_CACHE_MAX_GB")
+    assert pack.invert.cache_max_bytes() == 10 * 2**30
+
+
 def test_images_input_is_keyed_by_pixels_and_vae_and_a_hit_skips_the_encode(pack, smooth, cache_dir, monkeypatch):
     """With images + vae the key is the pixels (all of them) and the VAE: a second run of
     the same frames neither encodes nor calls the UNet; one changed pixel, or another

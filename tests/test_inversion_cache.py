@@ -86,3 +86,39 @@ def _plain_digest_bits(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|f|".encode())
     h.update(t.contiguous().view({1: torch.uint8, 2: torch.int16}[t.element_size()]).numpy().tobytes())
     return h.hexdigest()
+
+
+def _entry(steps=2, frames=1, seed=0):
+    from videograin_core.ddim import Inversion
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(frames, 4, 8, 8, generator=g)
+    return Inversion(latent=lat, trajectory=torch.randn(steps + 1, frames, 4, 8, 8, generator=g),
+                     sigmas=torch.linspace(0, 14, steps + 1), steps=steps, source=lat.clone())
+
+
+def test_cache_stays_within_its_bound_least_recently_used_first(tmp_path):
+    """Entries beyond max_bytes go oldest-use first; a hit counts as a use; the entry just
+    written is kept even if it alone is over; stale .partial files and foreign files."""
+    import os
+    import time
+
+    from videograin_core.inversion_cache import InversionCache
+    keys = [f"{i:064x}" for i in range(4)]
+    probe = InversionCache(str(tmp_path / "probe"))
+    size = os.path.getsize(probe.save(keys[0], _entry()))
+    cache = InversionCache(str(tmp_path / "c"), max_bytes=int(size * 2.5))  # room for two entries
+    for i, k in enumerate(keys[:2]):
+        cache.save(k, _entry(seed=i))
+        os.utime(cache.path(k), (time.time() - 100 + i, time.time() - 100 + i))  # key 0 older than key 1
+    assert cache.load(keys[0])[1] == "hit"  # key 0 is now the recently used one
+    cache.save(keys[2], _entry(seed=2))     # three entries: one must go, key 1 (least recently used)
+    assert [os.path.exists(cache.path(k)) for k in keys[:3]] == [True, False, True]
+    (tmp_path / "c" / "notes.txt").write_text("mine")                  # not the cache's: kept
+    stale = tmp_path / "c" / f".{keys[3]}.dead.partial"
+    stale.write_bytes(b"x" * 10)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / "c" / f".{keys[3]}.live.partial"                 # a write in progress: kept
+    fresh.write_bytes(b"x" * 10)
+    tiny = InversionCache(str(tmp_path / "c"), max_bytes=1)
+    tiny.save(keys[3], _entry(seed=3))
+    assert sorted(os.listdir(tmp_path / "c")) == sorted([f"{keys[3]}.safetensors", "notes.txt", fresh.name])

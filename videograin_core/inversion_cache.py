@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import types
 import uuid
 
@@ -172,9 +173,17 @@ def _checksum(tensors: dict) -> str:
     return h.hexdigest()
 
 
+DEFAULT_MAX_BYTES = 10 * 2**30   # the folder's bound when the caller gives none
+_STALE_PARTIAL_SECONDS = 3600    # a .partial file this old belongs to a run that was killed
+
+
 class InversionCache:
-    def __init__(self, folder: str):
+    """Entries `<key>.safetensors` in `folder`, at most `max_bytes` in all: after a write the
+    least recently used entries (by modification time; a hit touches its entry) go first."""
+
+    def __init__(self, folder: str, max_bytes: int | None = None):
         self.folder = folder
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
 
     def path(self, key: str) -> str:
         if not _KEY_RE.match(key):
@@ -203,6 +212,10 @@ class InversionCache:
             except OSError:
                 pass
             return None, f"damaged: {e.__class__.__name__}: {e}"
+        try:
+            os.utime(path)  # recently used: the last to be pruned
+        except OSError:
+            pass
         return inv, "hit"
 
     def save(self, key: str, inv: Inversion) -> str:
@@ -218,4 +231,38 @@ class InversionCache:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        self.prune(keep=path)
         return path
+
+    def prune(self, keep: str | None = None) -> list[str]:
+        """Delete the least recently used entries until the folder holds at most max_bytes
+        (never `keep`, the entry just written), and .partial files left by killed runs.
+        Returns the names deleted."""
+        entries, now, gone = [], time.time(), []
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return gone
+        for name in names:
+            full = os.path.join(self.folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue  # removed meanwhile (another server on the same folder)
+            if name.endswith(".partial"):
+                if now - st.st_mtime > _STALE_PARTIAL_SECONDS:
+                    entries.append((0.0, 0, full, name))  # first to go, whatever the total
+            elif name.endswith(".safetensors") and _KEY_RE.match(name[:-len(".safetensors")]):
+                entries.append((st.st_mtime, st.st_size, full, name))
+            # anything else in the folder is not ours: left alone
+        total = sum(size for _, size, _, _ in entries)
+        for _, size, full, name in sorted(entries):  # oldest first
+            if name.endswith(".safetensors") and (total <= self.max_bytes or full == keep):
+                continue
+            try:
+                os.remove(full)
+            except OSError:
+                continue
+            gone.append(name)
+            total -= size
+        return gone
