@@ -4,6 +4,7 @@ and the next edit works; SIGKILL mid-run and a restart on the same folders leave
 inversion cache usable (the next edit of a cached source is a hit)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -112,7 +113,11 @@ def test_sigkill_mid_run_then_restart_keeps_the_cache_usable(server):
     first = run_case(client, cached)
     assert first.status == "success", first.text[:3000]
     entries = _cache_files(workdir)
-    mtimes = {n: os.stat(os.path.join(_cache_dir(workdir), n)).st_mtime_ns for n in entries}
+    def identity(n):  # a rewrite (temp file + rename) makes a new inode; a hit only touches the time
+        path = os.path.join(_cache_dir(workdir), n)
+        with open(path, "rb") as f:
+            return os.stat(path).st_ino, hashlib.sha256(f.read()).hexdigest()
+    stored = {n: identity(n) for n in entries}
     # A long edit of another source, killed while it inverts.
     long_prompt = _prompt(ckpt, "kill_b", skip=3, steps=40)
     killed = {"done": False}
@@ -131,12 +136,12 @@ def test_sigkill_mid_run_then_restart_keeps_the_cache_usable(server):
     server["client"] = restarted
     assert {n for n in _cache_files(workdir) if n.endswith(".safetensors") and not n.startswith(".")} == entries
     for n in entries:
-        assert os.stat(os.path.join(_cache_dir(workdir), n)).st_mtime_ns == mtimes[n]
+        assert identity(n) == stored[n]
     t0 = time.time()
     again = run_case(restarted, _prompt(ckpt, "kill_a_again", skip=2))
     assert again.status == "success", again.text[:3000]
     assert "inv" not in again.sampled and "sample" in again.sampled, "the inversion came from the cache"
     assert torch.equal(saved_latent(restarted, again.entry), saved_latent(client, first.entry))
     for n in entries:  # read, not rewritten
-        assert os.stat(os.path.join(_cache_dir(workdir), n)).st_mtime_ns == mtimes[n]
+        assert identity(n) == stored[n]
     assert time.time() - t0 < 600
