@@ -304,6 +304,30 @@ def test_phone_rotation_is_applied(comfy_host, input_dir):
     assert images[0, :12, -12:].mean() > 0.8 and images[0, :12, :12].mean() < 0.2
 
 
+def test_non_square_pixels_are_shown_at_their_display_aspect(comfy_host, input_dir):
+    """A 64x48 stream with 2:1 pixels (anamorphic) is a 128x48 picture: the loader makes
+    square pixels of it, and the transform it reports maps the stored size to the shown one
+    (so masks at the stored size line up)."""
+    import av
+    frames = np.full((3, 48, 64, 3), 20, np.uint8)
+    frames[:, :, 16:32] = 230  # stored columns 16..31: shown at 32..63
+    path = os.path.join(input_dir, "anamorphic.mp4")
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(12))
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    images, _, count, tr = load(comfy_host, "anamorphic.mp4")
+    assert images.shape == (3, 48, 128, 3) and tr.source_size == (64, 48) and tr.resized_size == (128, 48)
+    assert images[0, :, 36:60].mean() > 0.8 and images[0, :, 4:28].mean() < 0.2 and images[0, :, 68:124].mean() < 0.2
+    images, _, _, tr = load(comfy_host, "anamorphic.mp4", size=24)  # short side 24: 64x24 shown
+    assert images.shape == (3, 24, 64, 3)
+
+
 def test_webm_frame_count_ignores_longer_audio_and_fps_follows_variable_timing(comfy_host, input_dir):
     """webm/mkv store no frame count: 30 frames beside 3 s of audio are 30 (the container's
     duration would say 96), and a variable frame rate gets its mean rate, not the nominal."""

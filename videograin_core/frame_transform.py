@@ -69,7 +69,7 @@ def plan_frame_indices(source_frame_count: int, skip_first: int = 0, every_nth: 
 
 def plan_transform(source_size: tuple[int, int], source_frame_count: int, *, skip_first: int = 0,
                    every_nth: int = 1, frame_cap: int = 0, short_side: int = 0, crop: str = "center",
-                   multiple_of: int = 8) -> FrameTransform:
+                   multiple_of: int = 8, pixel_aspect: float = 1.0) -> FrameTransform:
     """Plan the transform for a source of `source_size` = (width, height).
 
     short_side: resize so the shorter side has this many pixels (0 = keep the size).
@@ -82,11 +82,14 @@ def plan_transform(source_size: tuple[int, int], source_frame_count: int, *, ski
         raise ValueError(f"the source has no pixels ({sw}x{sh})")
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    # Sizes are planned on the picture as it is shown: non-square pixels (anamorphic DV/DVD,
+    # pixel_aspect = width/height of one pixel) are stretched to square ones by the resize.
+    dw = sw * pixel_aspect if pixel_aspect > 0 else sw
     if short_side:
-        scale = short_side / min(sw, sh)
-        rw, rh = max(1, round(sw * scale)), max(1, round(sh * scale))
+        scale = short_side / min(dw, sh)
+        rw, rh = max(1, round(dw * scale)), max(1, round(sh * scale))
     else:
-        rw, rh = sw, sh
+        rw, rh = max(1, round(dw)), sh
     if crop == "none":
         # Stretch slightly instead of cropping: each side to its nearest multiple.
         rw = max(multiple_of, int(round(rw / multiple_of)) * multiple_of)

@@ -103,6 +103,15 @@ def _count_frames(path: str, label: str) -> tuple[int, float | None]:
     return n, ((n - 1) / span if n > 1 and span > 0 else None)
 
 
+def _pixel_aspect(stream) -> float:
+    """Width/height of one stored pixel (the sample aspect ratio; 1 when unset)."""
+    for owner in (stream, stream.codec_context):
+        sar = getattr(owner, "sample_aspect_ratio", None)
+        if sar and float(sar) > 0:
+            return float(sar)
+    return 1.0
+
+
 def quarter_turns(frame) -> int:
     """Counter-clockwise quarter turns that make a decoded frame upright: phone videos are
     stored sideways with a display rotation in their metadata, which the decoder reports
@@ -167,8 +176,9 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
         # real indices are recorded while decoding.
         meta_count = info.frame_count
         plan_count = meta_count if meta_count else skip_first + max(frame_cap, 1) * every_nth
+        pixel_aspect = _pixel_aspect(stream)
         plan = dict(skip_first=skip_first, every_nth=every_nth, frame_cap=frame_cap, short_side=short_side, crop=crop,
-                    multiple_of=multiple_of)
+                    multiple_of=multiple_of, pixel_aspect=pixel_aspect)
         sizes = plan_transform((info.width, info.height), 0, **plan)  # the sizes alone, no frame list yet
         kept_count = len(range(skip_first, plan_count, max(every_nth, 1))[:frame_cap or None])
         if meta_count is not None and kept_count == 0:
@@ -197,7 +207,9 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
                     if kept:
                         raise ValueError(f"video {label!r} changes frame size mid-stream "
                                          f"({transform.source_size} -> {upright}): re-encode it")
-                    transform = plan_transform(upright, plan_count, **plan)
+                    # a turned frame turns its pixels too: their width/height ratio inverts
+                    transform = plan_transform(upright, plan_count, **{
+                        **plan, "pixel_aspect": 1.0 / pixel_aspect if turns % 2 else pixel_aspect})
                 rgb = torch.from_numpy(upright_pixels(frame, "rgb24", turns)).permute(2, 0, 1)[None]
                 out = transform.apply_spatial(rgb)
                 if out.dtype != torch.uint8:
