@@ -109,7 +109,9 @@ def _host_fingerprint(obj):
         return {"control": type(obj).__qualname__, "hint": obj.cond_hint_original, "strength": obj.strength,
                 "range": list(obj.timestep_percent_range), "strength_type": str(obj.strength_type),
                 "pooling": obj.global_average_pooling, "extra": obj.extra_concat_orig,
-                "net": net, "previous": obj.previous_controlnet}
+                # a Control-LoRA has no network until it runs: its weights are what it is
+                "net": net, "lora_weights": getattr(obj, "control_weights", None),
+                "previous": obj.previous_controlnet}
     return None
 
 

@@ -405,6 +405,19 @@ def test_controlnet_on_the_conditioning_is_used_and_keyed(pack, smooth, comfy_ho
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], plain)
 
 
+def test_control_lora_weights_are_in_the_key(pack, comfy_host):
+    """A Control-LoRA builds its network only when sampling starts: until then its weights
+    are the only thing that tells two of them apart."""
+    import comfy.controlnet
+    hint = torch.zeros(1, 3, 64, 64)
+
+    def key(scale):
+        c = comfy.controlnet.ControlLora({"lora_controlnet": torch.ones(8) * scale})
+        c.set_cond_hint(hint, 1.0)
+        return pack.cache.make_key({"control": c}, hook=pack.invert._host_fingerprint)
+    assert key(1.0) == key(1.0) != key(2.0)
+
+
 def test_cache_key_is_stable_for_a_patched_model(pack, smooth, comfy_host, cache_dir, monkeypatch):
     """The key of an ST-Layout patched model must not change once the patch has run (its
     per-grid caches fill while sampling), nor for the same checkpoint loaded and patched
