@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 import comfy.model_management
 import comfy.model_patcher
@@ -37,14 +38,19 @@ def cache_folder() -> str:
 
 
 def cache_max_bytes() -> int:
-    """The cache folder's bound: VIDEOGRAIN_CACHE_MAX_GB (GiB, default 10); the least
-    recently used inversions are deleted beyond it."""
+    """The cache folder's bound: VIDEOGRAIN_CACHE_MAX_GB (GiB, default 10; 0 or inf: no
+    bound); the least recently used inversions are deleted beyond it."""
     raw = os.environ.get("VIDEOGRAIN_CACHE_MAX_GB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
     try:
-        return int(max(float(raw), 0.0) * 2**30) if raw else DEFAULT_MAX_BYTES
+        gib = float(raw)
     except ValueError:
         logging.warning("VideoGrain: VIDEOGRAIN_CACHE_MAX_GB=%r is not a number; using the default", raw)
         return DEFAULT_MAX_BYTES
+    if not math.isfinite(gib) or gib <= 0 or gib * 2**30 >= sys.maxsize:
+        return sys.maxsize  # unbounded
+    return int(gib * 2**30)
 
 
 # ---------------------------------------------------------------- host glue shared with Sample

@@ -72,13 +72,16 @@ class VideoGrainSaveVideo(io.ComfyNode):
                 for k, v in hidden.extra_pnginfo.items():
                     metadata[k] = json.dumps(v)
         output_dir = folder_paths.get_output_directory()
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, output_dir, images.shape[2], images.shape[1])
+        # The host compares plain paths, and creates missing folders before it returns: a
+        # symlinked folder inside output/ could lead out, so the real path is checked first.
         real_out = os.path.realpath(output_dir)
-        if os.path.commonpath([real_out, os.path.realpath(folder)]) != real_out:
-            # the host compares plain paths: a symlinked folder inside output/ could lead out
+        target = os.path.realpath(os.path.join(output_dir, os.path.dirname(os.path.normpath(filename_prefix))))
+        if os.path.commonpath([real_out, target]) != real_out and not os.path.isabs(filename_prefix) \
+                and ".." not in os.path.normpath(filename_prefix).split(os.sep):
             raise ValueError(f"filename_prefix {filename_prefix!r} leads out of the output folder through a "
                              f"symbolic link: choose a prefix whose folders are inside the output folder")
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, output_dir, images.shape[2], images.shape[1])
         results = []
         for suffix, frames in (("", images), ("sbs", sbs)):
             if frames is None:

@@ -217,6 +217,12 @@ def test_cache_bound_comes_from_the_environment(pack, smooth, cache_dir, monkeyp
     assert pack.invert.cache_max_bytes() == pack.cache.DEFAULT_MAX_BYTES == 10 * 2**30
     monkeypatch.delenv("VIDEOGRAIN_CACHE_MAX_GB")
     assert pack.invert.cache_max_bytes() == 10 * 2**30
+    import sys
+    for unbounded in ("0", "inf", "-1", "1e400"):
+        monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", unbounded)
+        assert pack.invert.cache_max_bytes() == sys.maxsize, unbounded
+    monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", "2.5")
+    assert pack.invert.cache_max_bytes() == int(2.5 * 2**30)
 
 
 def test_images_input_is_keyed_by_pixels_and_vae_and_a_hit_skips_the_encode(pack, smooth, cache_dir, monkeypatch):

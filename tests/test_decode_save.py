@@ -83,6 +83,9 @@ def test_save_refuses_a_symlinked_folder_that_leads_out(comfy_host, tmp_path):
         os.symlink(outside, link)
     with pytest.raises(ValueError, match=r"filename_prefix 'vg_link_out/x' leads out of the output folder"):
         save.execute(images=torch.rand(2, 16, 16, 3), fps=8.0, filename_prefix="vg_link_out/x")
+    # a folder that does not exist yet behind the link: refused before anything is created
+    with pytest.raises(ValueError, match=r"filename_prefix 'vg_link_out/new/x' leads out of the output folder"):
+        save.execute(images=torch.rand(2, 16, 16, 3), fps=8.0, filename_prefix="vg_link_out/new/x")
     assert not os.listdir(outside)
     inside = os.path.join(outdir, "vg_link_in")  # a link that stays inside is fine
     os.makedirs(os.path.join(outdir, "vg_real"), exist_ok=True)

@@ -122,3 +122,31 @@ def test_cache_stays_within_its_bound_least_recently_used_first(tmp_path):
     tiny = InversionCache(str(tmp_path / "c"), max_bytes=1)
     tiny.save(keys[3], _entry(seed=3))
     assert sorted(os.listdir(tmp_path / "c")) == sorted([f"{keys[3]}.safetensors", "notes.txt", fresh.name])
+
+
+def test_a_second_server_pruning_the_same_folder_is_no_harm(tmp_path, monkeypatch):
+    """An entry another server removed first counts as removed (no extra deletions), and an
+    entry that vanishes between the existence check and the read is a miss, not 'damaged'."""
+    import os
+
+    import videograin_core.inversion_cache as ic
+    keys = [f"{i:064x}" for i in range(3)]
+    cache = ic.InversionCache(str(tmp_path), max_bytes=1 << 40)
+    for i, k in enumerate(keys):
+        cache.save(k, _entry(seed=i))
+        os.utime(cache.path(k), (1000.0 + i, 1000.0 + i))
+    size = os.path.getsize(cache.path(keys[0]))
+    real_remove = os.remove
+
+    def raced(path):  # the other server deleted the oldest entry a moment ago
+        real_remove(path)
+        if path.endswith(keys[0] + ".safetensors"):
+            raise FileNotFoundError(path)
+    monkeypatch.setattr(ic.os, "remove", raced)
+    cache.max_bytes = int(size * 2.5)  # one entry must go: the oldest, and only it
+    assert cache.prune() == [f"{keys[0]}.safetensors"]
+    assert os.path.exists(cache.path(keys[1])) and os.path.exists(cache.path(keys[2]))
+    monkeypatch.setattr(ic.os, "remove", real_remove)
+    real_remove(cache.path(keys[1]))
+    monkeypatch.setattr(ic.os.path, "exists", lambda p: True)  # checked before the other server removed it
+    assert cache.load(keys[1]) == (None, "miss")

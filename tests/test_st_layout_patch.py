@@ -302,7 +302,7 @@ def test_a_chained_replace_gets_the_branches_of_its_rows(env):
     def by_branch(kind):
         def attn(q, k, v, extra):
             cu = extra["cond_or_uncond"]
-            assert q.shape[0] % len(cu) == 0, (q.shape, cu)
+            assert q.shape[0] % len(cu) == 0 and len(extra["uuids"]) == len(cu), (q.shape, cu, extra["uuids"])
             seen[kind].add(tuple(cu))
             return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
         return attn

@@ -206,6 +206,8 @@ class InversionCache:
                 raise ValueError("checksum mismatch")
             inv = Inversion(latent=tensors["latent"], trajectory=tensors["trajectory"], sigmas=tensors["sigmas"],
                             steps=int(meta["steps"]), source=tensors["source"])
+        except FileNotFoundError:
+            return None, "miss"  # pruned meanwhile by another server sharing the folder
         except Exception as e:  # truncated or garbled files raise all sorts of errors
             try:
                 os.remove(path)
@@ -261,6 +263,8 @@ class InversionCache:
                 continue
             try:
                 os.remove(full)
+            except FileNotFoundError:
+                pass  # another server sharing the folder removed it first: gone all the same
             except OSError:
                 continue
             gone.append(name)

@@ -337,16 +337,19 @@ class STLayoutRuntime:
     def _split_run(q, k, v, rows, inner, extra_options, modulated, rows_per_chunk):
         """Rows `rows` through `modulated`, the rest through `inner`, reassembled in order.
         Rows come in whole cond/uncond chunks of `rows_per_chunk`; `inner` is told which
-        chunks it got (its `cond_or_uncond`), as a replace that splits by branch expects."""
+        chunks it got (its `cond_or_uncond` and `uuids`), as a replace that splits by branch
+        expects."""
         b = q.shape[0]
         if len(rows) == b:
             return modulated(q, k, v)
         idx = torch.tensor(rows, device=q.device)
         rest_rows = [r for r in range(b) if r not in set(rows)]
         rest = torch.tensor(rest_rows, device=q.device)
-        cu = extra_options.get("cond_or_uncond")
-        if cu:
-            extra_options = {**extra_options, "cond_or_uncond": [cu[r // rows_per_chunk] for r in rest_rows[::rows_per_chunk]]}
+        chunks = [r // rows_per_chunk for r in rest_rows[::rows_per_chunk]]
+        narrowed = {name: [extra_options[name][c] for c in chunks] for name in ("cond_or_uncond", "uuids")
+                    if isinstance(extra_options.get(name), (list, tuple))
+                    and len(extra_options[name]) * rows_per_chunk == b}
+        extra_options = {**extra_options, **narrowed}
         out_mod = modulated(q[idx], k[idx], v[idx])
         out_rest = inner(q[rest], k[rest], v[rest], extra_options)
         out = out_mod.new_empty((b,) + tuple(out_mod.shape[1:]))

@@ -222,9 +222,7 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
                         raise _too_big(label, need, memory_limit)
                 if frame_cap and len(kept) >= frame_cap:
                     break
-        except Exception as e:  # broken bitstreams: av.error.* (some of which are ValueErrors too)
-            if isinstance(e, ValueError) and not isinstance(e, av.error.FFmpegError):
-                raise  # ours: size changes, memory
+        except av.error.FFmpegError as e:  # broken bitstreams (our own ValueErrors pass through)
             if not kept:
                 raise ValueError(f"video {label!r} could not be decoded ({e.__class__.__name__}: {e}): the file is "
                                  "damaged; re-encode it or pick another file") from None
