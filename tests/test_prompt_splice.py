@@ -84,6 +84,8 @@ def test_each_local_prompt_takes_an_occurrence_of_its_own(pack, clip):
     assert spans("a man in a red shirt and a man", ["man", "man in a red shirt"]) == [(9, 10), (2, 7)]
     assert spans("a man and a man", ["man", "man"]) == [(2, 3), (5, 6)]       # two instances, a word each
     assert spans("a man and a woman", ["woman", "man"]) == [(5, 6), (2, 3)]   # no overlap: first occurrences
+    # greedy placement would give "red hat" (2, 4) and leave "hat and" only an overlap
+    assert spans("a red hat and a red hat", ["red hat", "hat and"]) == [(6, 8), (3, 5)]
     # no free occurrence: the first one, reported as an overlap
     nested = spans("a man wearing sunglasses", ["man wearing sunglasses", "sunglasses"])
     assert nested == [(2, 5), (4, 5)] and pack.splice.overlapping_spans(nested) == [(0, 1)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Hashable, Sequence
 
 Span = tuple[int, int]
+_PLACEMENT_BUDGET = 10_000  # choices tried before placement falls back to the greedy rule
 
 
 class SpanError(ValueError):
@@ -87,17 +88,40 @@ def find_span(global_windows: Sequence[Sequence[Hashable]], local: Sequence[Hash
 
 def place_spans(global_windows: Sequence[Sequence[Hashable]], locals_: Sequence[Sequence[Hashable]], markers: set,
                 phrases: Sequence[str], global_text: str = "") -> list[Span | None]:
-    """The span of every local prompt. Each takes its first occurrence that no other local
-    prompt holds, longer prompts placed first, so "a man in a red shirt and a man" gives
-    "man in a red shirt" and "man" a span each (the first-occurrence rule alone would put
-    "man" inside the other's words, and one splice would overwrite the other). A prompt
-    with no free occurrence takes its first one (overlapping_spans reports it)."""
+    """The span of every local prompt, each an occurrence no other local prompt holds when
+    some choice allows it: so "a man in a red shirt and a man" gives "man in a red shirt"
+    and "man" a span each (the first-occurrence rule alone would put "man" inside the
+    other's words, and one splice would overwrite the other). Among such choices, earlier
+    occurrences win, longer prompts choosing first. When no choice avoids an overlap, each
+    prompt takes its first free occurrence, else its first one (overlapping_spans reports it)."""
+    occurrences = []
     for local, phrase in zip(locals_, phrases):  # missing phrases are reported in region order
         find_span(global_windows, local, markers, phrase=phrase, global_text=global_text)
+        occurrences.append(_occurrences(global_windows, list(local), markers)[0] if local else [])
+    order = sorted((i for i in range(len(locals_)) if occurrences[i]), key=lambda i: -len(locals_[i]))
     spans: list[Span | None] = [None] * len(locals_)
-    for i in sorted(range(len(locals_)), key=lambda i: -len(locals_[i])):  # stable: region order on ties
-        spans[i] = find_span(global_windows, locals_[i], markers, phrase=phrases[i], global_text=global_text,
-                             taken=[s for s in spans if s is not None])
+    budget = [_PLACEMENT_BUDGET]
+
+    def place(k: int) -> bool:  # depth-first, occurrences in order: the first disjoint choice
+        if k == len(order):
+            return True
+        i = order[k]
+        for span in occurrences[i]:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return False
+            if not any(s is not None and _overlaps(span, s) for s in spans):
+                spans[i] = span
+                if place(k + 1):
+                    return True
+                spans[i] = None
+        return False
+
+    if not place(0):
+        spans = [None] * len(locals_)
+        for i in order:  # no disjoint choice (or too many to try): greedily, first free else first
+            spans[i] = find_span(global_windows, locals_[i], markers, phrase=phrases[i], global_text=global_text,
+                                 taken=[s for s in spans if s is not None])
     return spans
 
 
