@@ -33,7 +33,10 @@ def _cell(text) -> str:
 
 
 def _range(i) -> str:
-    """min..max (and step) of a number input, the choices of a combo."""
+    """min..max (and step) of a number input, the choices of a combo (not a file list: it
+    depends on what the input folder holds where the docs are made)."""
+    if getattr(i, "upload", None) is not None:
+        return "a file in the input folder (with upload)"
     options = getattr(i, "options", None)
     if options:
         return ", ".join(str(o) for o in options)
