@@ -116,7 +116,11 @@ BUILD_JS = """async ([api, name, note]) => {
 def open_ui(pw, client):
     browser = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(client.base_url, wait_until="networkidle")
+    # Only the local server: the frontend's calls to the internet (release news, update
+    # notices) would make what it shows depend on the network.
+    local = client.base_url.rstrip("/")
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(local) else route.abort())
+    page.goto(client.base_url, wait_until="load", timeout=120000)
     page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
     return browser, page
 

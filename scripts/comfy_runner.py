@@ -53,7 +53,7 @@ class ComfyClient:
 
     def alive(self) -> bool:
         try:
-            self.get("/system_stats", timeout=5)
+            self.get("/system_stats", timeout=30)  # a loaded machine may answer slowly
             return self.proc.poll() is None
         except Exception:
             return False
@@ -83,6 +83,10 @@ class ComfyClient:
         of this prompt ("executing", "progress", ...) as they arrive."""
         import asyncio
         import aiohttp  # the host's own dependency
+
+        # A new client id per run: the server drops an id's socket when the old connection
+        # closes, which could race with the new connection under the same id.
+        self.client_id = uuid.uuid4().hex
 
         async def go():
             ws_url = self.base_url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
@@ -152,7 +156,7 @@ class ExecutionFailed(Exception):
 
 
 def start_server(comfy: str, workdir: str, log_path: str, python: str = sys.executable, extra_args=(),
-                 timeout: float = 120, env: dict | None = None, dirs: dict | None = None) -> ComfyClient:
+                 timeout: float = 300, env: dict | None = None, dirs: dict | None = None) -> ComfyClient:
     """`python main.py ...` on a free loopback port, with input/output/temp/user folders
     under `workdir` (or as given in `dirs`); returns once the server answers."""
     dirs = {**{k: os.path.join(workdir, k) for k in ("input", "output", "temp", "user")}, **(dirs or {})}

@@ -82,7 +82,9 @@ def test_ten_edits_back_to_back_complete_without_growing_memory(server):
 def test_interrupt_mid_inversion_leaves_no_cache_entry(server):
     client, ckpt, workdir = server["client"], server["ckpt"], server["workdir"]
     before = _cache_files(workdir)
-    p = _prompt(ckpt, "interrupted", skip=1, steps=40)  # a source of its own, a long inversion
+    # a source of its own, and an inversion long enough that the interrupt lands inside it
+    # even on a loaded machine (it stops within a step of the interrupt, so it costs no time)
+    p = _prompt(ckpt, "interrupted", skip=1, steps=400)
     state = {"sent": False, "values": []}
 
     def report(ev, d):
@@ -95,7 +97,7 @@ def test_interrupt_mid_inversion_leaves_no_cache_entry(server):
     with pytest.raises(Exception) as e:
         client.run_with_progress(p, report, timeout=600)
     print("inversion progress seen before the interrupt:", state["values"])
-    assert state["sent"] and max(state["values"]) < 40, state["values"]
+    assert state["sent"] and max(state["values"]) < 400, state["values"]
     status = e.value.entry["status"]
     assert any(m[0] == "execution_interrupted" for m in status["messages"]), status
     assert _cache_files(workdir) == before, "no entry (and no partial file) for the interrupted inversion"
@@ -119,7 +121,7 @@ def test_sigkill_mid_run_then_restart_keeps_the_cache_usable(server):
             return os.stat(path).st_ino, hashlib.sha256(f.read()).hexdigest()
     stored = {n: identity(n) for n in entries}
     # A long edit of another source, killed while it inverts.
-    long_prompt = _prompt(ckpt, "kill_b", skip=3, steps=40)
+    long_prompt = _prompt(ckpt, "kill_b", skip=3, steps=400)
     killed = {"done": False}
 
     def report(ev, d):

@@ -46,7 +46,7 @@ ExecutionFailed = _runner.ExecutionFailed
 stop_server = _runner.stop_server
 
 
-def start_server(workdir, extra_args=(), timeout: float = 120) -> ComfyClient:
+def start_server(workdir, extra_args=(), timeout: float = 300) -> ComfyClient:
     """Start the test host's server (CPU) with its folders under `workdir`; the log goes
     to test-artifacts/."""
     os.makedirs(ARTIFACTS, exist_ok=True)
