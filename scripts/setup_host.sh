@@ -55,7 +55,8 @@ PYEOF
     fi
 
     # 2. A venv with pinned torch and the host's requirements (minus torchaudio).
-    req_hash="$( { echo "$TORCH_PINS"; cat "$COMFY/requirements.txt" "$PACK_DIR/requirements.txt" "$PACK_DIR/requirements-dev.txt"; } | sha256sum | cut -c1-16)"
+    CONSTRAINTS="$PACK_DIR/scripts/host-constraints.txt"
+    req_hash="$( { echo "$TORCH_PINS"; cat "$COMFY/requirements.txt" "$PACK_DIR/requirements.txt" "$PACK_DIR/requirements-dev.txt" "$CONSTRAINTS"; } | sha256sum | cut -c1-16)"
     if [[ "$(cat "$VENV/.stamp-deps" 2>/dev/null)" != "$req_hash" ]]; then
         [[ -x "$HOST_PY" ]] || { log "creating venv"; "$PY" -m venv "$VENV"; }
         log "installing torch ($TORCH_PINS)"
@@ -65,7 +66,7 @@ PYEOF
         echo "requests" >> "$HOST_DIR/host-requirements.txt"
         log "installing ComfyUI requirements, the pack's and the test tools"
         # Torch is pinned in every call so pip never swaps it for another build.
-        "$HOST_PY" -m pip install -q $TORCH_PINS -r "$HOST_DIR/host-requirements.txt" \
+        "$HOST_PY" -m pip install -q $TORCH_PINS -c "$CONSTRAINTS" -r "$HOST_DIR/host-requirements.txt" \
             -r "$PACK_DIR/requirements.txt" -r "$PACK_DIR/requirements-dev.txt" >&2
         echo "$req_hash" > "$VENV/.stamp-deps"
     fi
