@@ -58,10 +58,8 @@ def _overlaps(a: Span, b: Span) -> bool:
 
 
 def find_span(global_windows: Sequence[Sequence[Hashable]], local: Sequence[Hashable], markers: set,
-              phrase: str = "", global_text: str = "", taken: Sequence[Span] = ()) -> Span | None:
-    """[start, end) of the first occurrence of `local` among the global prompt's tokens
-    that overlaps none of `taken` (spans other local prompts hold); the first occurrence
-    when every one overlaps.
+              phrase: str = "", global_text: str = "") -> Span | None:
+    """[start, end) of the first occurrence of `local` among the global prompt's tokens.
 
     Returns None for an empty local prompt (the region then has no text). Raises SpanError
     when the phrase is absent, or when its only occurrences straddle a window boundary
@@ -73,7 +71,7 @@ def find_span(global_windows: Sequence[Sequence[Hashable]], local: Sequence[Hash
         return None
     found, straddling = _occurrences(global_windows, local, markers)
     if found:
-        return next((s for s in found if not any(_overlaps(s, t) for t in taken)), found[0])
+        return found[0]
     if straddling is not None:
         raise SpanError(f"local prompt {phrase!r} crosses a 77-token window boundary of the global prompt "
                         f"(it starts at token {straddling}): CLIP encodes each window separately, so move the "
@@ -96,8 +94,10 @@ def place_spans(global_windows: Sequence[Sequence[Hashable]], locals_: Sequence[
     prompt takes its first free occurrence, else its first one (overlapping_spans reports it)."""
     occurrences = []
     for local, phrase in zip(locals_, phrases):  # missing phrases are reported in region order
-        find_span(global_windows, local, markers, phrase=phrase, global_text=global_text)
-        occurrences.append(_occurrences(global_windows, list(local), markers)[0] if local else [])
+        found = _occurrences(global_windows, list(local), markers)[0] if local else []
+        if local and not found:
+            find_span(global_windows, local, markers, phrase=phrase, global_text=global_text)  # raises why
+        occurrences.append(found)
     order = sorted((i for i in range(len(locals_)) if occurrences[i]), key=lambda i: -len(locals_[i]))
     spans: list[Span | None] = [None] * len(locals_)
     budget = [_PLACEMENT_BUDGET]
@@ -120,8 +120,9 @@ def place_spans(global_windows: Sequence[Sequence[Hashable]], locals_: Sequence[
     if not place(0):
         spans = [None] * len(locals_)
         for i in order:  # no disjoint choice (or too many to try): greedily, first free else first
-            spans[i] = find_span(global_windows, locals_[i], markers, phrase=phrases[i], global_text=global_text,
-                                 taken=[s for s in spans if s is not None])
+            taken = [s for s in spans if s is not None]
+            spans[i] = next((o for o in occurrences[i] if not any(_overlaps(o, t) for t in taken)),
+                            occurrences[i][0])
     return spans
 
 
