@@ -279,17 +279,17 @@ class STLayoutRuntime:
 
             terms = self.grid(grid[0], grid[1], frames, q.device)
             if opts.full_frame_attention and frames > 1:
-                rows = mod_chunks
+                rows, rows_per_chunk = mod_chunks, 1  # a chunk's frames are one row
                 qr = kr = terms.clip_regions
                 cw = (opts.self_strength * weight) * terms.self_size_clip
             else:
-                rows = [i * frames + f for i in mod_chunks for f in range(frames)]
+                rows, rows_per_chunk = [i * frames + f for i in mod_chunks for f in range(frames)], frames
                 qr = kr = terms.frame_regions.repeat(len(mod_chunks), 1, 1)
                 cw = ((opts.self_strength * weight) * terms.self_size_frame).repeat(len(mod_chunks), 1)
             self._note_bypass(previous)
             out = self._split_run(q2, k2, v2, rows, plain, extra_options,
                                   lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
-                                  rows_per_chunk=1 if opts.full_frame_attention and frames > 1 else frames)
+                                  rows_per_chunk=rows_per_chunk)
             return out.reshape(q.shape[0], lq, -1)
 
         return attn1
@@ -343,7 +343,8 @@ class STLayoutRuntime:
         if len(rows) == b:
             return modulated(q, k, v)
         idx = torch.tensor(rows, device=q.device)
-        rest_rows = [r for r in range(b) if r not in set(rows)]
+        chosen = set(rows)
+        rest_rows = [r for r in range(b) if r not in chosen]
         rest = torch.tensor(rest_rows, device=q.device)
         chunks = [r // rows_per_chunk for r in rest_rows[::rows_per_chunk]]
         narrowed = {name: [extra_options[name][c] for c in chunks] for name in ("cond_or_uncond", "uuids")
