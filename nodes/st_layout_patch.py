@@ -35,12 +35,16 @@ def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
     return out
 
 
+def _run(fn, q, k, v, extra_options):
+    """A host attention function called as the host's transformer blocks call it."""
+    return fn(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+              transformer_options=extra_options)
+
+
 def _host_attention(q, k, v, extra_options):
     # Resolved at call time: the host picks its attention implementation at start-up.
     import comfy.ldm.modules.attention as attention
-    return attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                         attn_precision=extra_options.get("attn_precision"),
-                                         transformer_options=extra_options)
+    return _run(attention.optimized_attention, q, k, v, extra_options)
 
 
 FRAMES_ATTENTION_ENV = "VIDEOGRAIN_FULL_FRAME_ATTENTION"
@@ -87,9 +91,7 @@ def frames_attention_kernel(device: torch.device):
 
 
 def _frames_attention(q, k, v, extra_options):
-    fn = frames_attention_kernel(q.device)
-    return fn(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-              transformer_options=extra_options)
+    return _run(frames_attention_kernel(q.device), q, k, v, extra_options)
 
 
 def _existing(model_options: dict, which: str, key: tuple):
