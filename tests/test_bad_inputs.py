@@ -11,7 +11,6 @@ filename prefixes and the cache's file names (security)."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from test_video_loader import make_video
-from vg_testlib import ExecutionFailed, PromptRejected, comfyui_path, edit_prompt, load_script
+from vg_testlib import ExecutionFailed, PromptRejected, comfyui_path, edit_prompt, file_identity, load_script
 
 SIZE, SRC_FRAMES = 64, 6
 SAMPLING_NODES = ("inv", "sample")
@@ -405,14 +404,11 @@ def test_damaged_cache_entry_is_recomputed_and_rewritten(env):
     assert re.search(r"inversion cache entry [0-9a-f]{12} was damaged: .*; recomputing", client.log_text()[log_at:])
     assert os.path.getsize(path) == size, "the entry was written again"
     assert torch.equal(saved_latent(client, first.entry), saved_latent(client, second.entry))
-    def identity():  # a rewrite makes a new inode (temp file + rename); a hit only touches the time
-        with open(path, "rb") as f:
-            return os.stat(path).st_ino, hashlib.sha256(f.read()).hexdigest()
-    before_hit = identity()
+    before_hit = file_identity(path)  # a rewrite makes a new inode; a hit only touches the entry's time
     prompt["region"]["inputs"]["threshold"] = 0.4
     third = run_case(client, prompt)
     assert third.status == "success" and "inv" not in third.sampled, "a healthy entry is a hit"
-    assert identity() == before_hit
+    assert file_identity(path) == before_hit
 
 
 # ---------------------------------------------------------------- security: where files go

@@ -4,7 +4,6 @@ and the next edit works; SIGKILL mid-run and a restart on the same folders leave
 inversion cache usable (the next edit of a cached source is a hit)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import pytest
 import torch
 from test_bad_inputs import _mask, _png, base_prompt, run_case, saved_latent
 from test_video_loader import make_video
-from vg_testlib import start_server, stop_server
+from vg_testlib import file_identity, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -115,10 +114,8 @@ def test_sigkill_mid_run_then_restart_keeps_the_cache_usable(server):
     first = run_case(client, cached)
     assert first.status == "success", first.text[:3000]
     entries = _cache_files(workdir)
-    def identity(n):  # a rewrite (temp file + rename) makes a new inode; a hit only touches the time
-        path = os.path.join(_cache_dir(workdir), n)
-        with open(path, "rb") as f:
-            return os.stat(path).st_ino, hashlib.sha256(f.read()).hexdigest()
+    def identity(n):  # a rewrite makes a new inode; a hit only touches the entry's time
+        return file_identity(os.path.join(_cache_dir(workdir), n))
     stored = {n: identity(n) for n in entries}
     # A long edit of another source, killed while it inverts.
     long_prompt = _prompt(ckpt, "kill_b", skip=3, steps=400)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vg_testlib import pack_modules
+from vg_testlib import pack_modules, warnings_logged
 
 
 @pytest.fixture(scope="module")
@@ -149,18 +149,10 @@ def test_long_prompt_is_spliced_in_its_window(comfy_host, pack, clip):
 
 
 def test_shared_words_are_spliced_in_region_order_and_logged(comfy_host, pack, clip):
-    import logging
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger(comfy_host.pack.__name__ + ".nodes.layout_conditioning")
-    logger.addHandler(handler)
-    try:
+    with warnings_logged(comfy_host.pack.__name__ + ".nodes.layout_conditioning") as messages:
         text = "a man wearing sunglasses"
         (cond, _), = _encode(comfy_host, clip, text, _layout(pack, ["man wearing sunglasses", "sunglasses"]))[0]
         _encode(comfy_host, clip, "a man in a red shirt and a man", _layout(pack, ["man", "man in a red shirt"]))
-    finally:
-        logger.removeHandler(handler)
     assert sum("'man wearing sunglasses' and 'sunglasses' share words" in m for m in messages) == 1, messages
     assert len(messages) == 1  # the second prompt had an occurrence of its own for each phrase
     own = clip.encode_from_tokens(clip.tokenize("sunglasses"))

@@ -237,8 +237,8 @@ def test_16_bit_masks_and_alpha_that_the_decoder_drops(comfy_host, core):
     """A 16-bit greyscale PNG keeps its values (8-bit conversion clipped them all to white);
     a mask video asked for alpha whose frames decode without alpha (webm VP9 through
     FFmpeg's own decoder) is refused instead of reading as all inside."""
-    import av
     from PIL import Image
+    from test_video_loader import write_frames
     node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
     inp = comfy_host.folder_paths.get_input_directory()
     t = _transform(core)
@@ -251,17 +251,9 @@ def test_16_bit_masks_and_alpha_that_the_decoder_drops(comfy_host, core):
     want = t.apply_spatial(torch.from_numpy(deep[None, None].astype(np.float32) / 65535), mode="nearest")[0] > 0.5
     assert torch.equal(m.bool(), want) and 0 < m.mean() < 1
 
-    path = os.path.join(inp, "vg_alpha.webm")
-    with av.open(path, "w") as c:
-        s = c.add_stream("libvpx-vp9", rate=8)
-        s.width, s.height, s.pix_fmt = 40, 24, "yuva420p"
-        for _ in range(6):
-            rgba = np.full((24, 40, 4), 255, np.uint8)
-            rgba[:, :20, 3] = 0  # left half transparent
-            for p in s.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    rgba = np.full((6, 24, 40, 4), 255, np.uint8)
+    rgba[:, :, :20, 3] = 0  # left half transparent
+    write_frames(os.path.join(inp, "vg_alpha.webm"), rgba, fps=8, codec="libvpx-vp9", pix_fmt="yuva420p")
     try:
         (a,) = _run(node, path="vg_alpha.webm", transform=t, threshold=0.5, channel="alpha")
     except ValueError as e:  # this FFmpeg drops webm alpha: said so
@@ -274,13 +266,13 @@ def test_16_bit_masks_and_alpha_that_the_decoder_drops(comfy_host, core):
 
 
 def test_a_phone_rotated_mask_video_is_turned_like_the_frames(comfy_host, core):
-    from test_video_loader import _rotate_mp4_display, _write
+    from test_video_loader import _rotate_mp4_display, write_frames
     node = _node(comfy_host, "VideoGrainRegionMaskFromFile")
     inp = comfy_host.folder_paths.get_input_directory()
     stored = np.full((3, 48, 64, 3), 10, np.uint8)
     stored[:, :, :16] = 245  # the left 16 columns of the stored (landscape) pixels
     path = os.path.join(inp, "vg_mask_rotated.mp4")
-    _write(path, stored)
+    write_frames(path, stored)
     _rotate_mp4_display(path)
     t = core.ft.plan_transform((48, 64), 3)  # the loader plans the upright (portrait) size
     (m,) = _run(node, path="vg_mask_rotated.mp4", transform=t, threshold=0.5, channel="luminance")
@@ -331,16 +323,8 @@ def test_local_prompt_chains_and_checks_frames(comfy_host, core):
 
 
 def _write_mp4(path, frames=6, w=40, h=24):
-    import av
-    with av.open(path, "w") as c:
-        s = c.add_stream("libx264", rate=8)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            img = np.full((h, w, 3), 20 * i, np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    from test_video_loader import write_frames
+    write_frames(path, np.stack([np.full((h, w, 3), 20 * i, np.uint8) for i in range(frames)]), fps=8)
 
 
 @pytest.mark.server

@@ -7,6 +7,7 @@ from importlib import import_module
 
 import pytest
 import torch
+from vg_testlib import warnings_logged
 
 FRAMES, LATENT = 2, 8            # 2 frames of 8x8 latent (64x64 px): token grids 8, 4, 2, 1
 STEPS, CFG = 3, 5.0
@@ -79,13 +80,18 @@ def reference_full_frame(model, kernel=None):
         return o.reshape(b, lq, c)
 
     m = model.clone()
-    for name, _ in m.model.diffusion_model.named_modules():
+    for kind, number in transformer_blocks(m):
+        m.set_model_attn1_replace(attn1, kind, number, 0)
+    return m
+
+
+def transformer_blocks(model):
+    """(block, number) of every transformer block of the UNet, as the replace keys name them."""
+    for name, _ in model.model.diffusion_model.named_modules():
         if name.endswith("transformer_blocks.0"):
             parts = name.split(".")
             kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
-            number = 0 if kind == "middle" else int(parts[1])
-            m.set_model_attn1_replace(attn1, kind, number, 0)
-    return m
+            yield kind, 0 if kind == "middle" else int(parts[1])
 
 
 # ---------------------------------------------------------------- equivalences
@@ -294,8 +300,6 @@ def test_a_chained_replace_gets_the_branches_of_its_rows(env):
     """While modulation runs, the rows it does not modulate go to a replace set before the
     patch (here one that splits its batch by branch, as IP-Adapter-like packs do) with a
     `cond_or_uncond` that lists just those rows' branches; the bypass is logged once."""
-    import logging
-
     import comfy.ldm.modules.attention as attention
     seen = {"attn1": set(), "attn2": set()}
 
@@ -308,23 +312,12 @@ def test_a_chained_replace_gets_the_branches_of_its_rows(env):
         return attn
 
     m = env["model"].clone()
-    for name, _ in m.model.diffusion_model.named_modules():
-        if name.endswith("transformer_blocks.0"):
-            parts = name.split(".")
-            kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
-            number = 0 if kind == "middle" else int(parts[1])
-            m.set_model_attn1_replace(by_branch("attn1"), kind, number, 0)
-            m.set_model_attn2_replace(by_branch("attn2"), kind, number, 0)
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger(env["pack"] + ".videograin_core.st_layout_patch")
-    logger.addHandler(handler)
-    try:
+    for kind, number in transformer_blocks(m):
+        m.set_model_attn1_replace(by_branch("attn1"), kind, number, 0)
+        m.set_model_attn2_replace(by_branch("attn2"), kind, number, 0)
+    with warnings_logged(env["pack"] + ".videograin_core.st_layout_patch") as messages:
         for full_frame in (True, False):
             sample(env, patch(env, model=m, end_percent=1.0, full_frame_attention=full_frame))
-    finally:
-        logger.removeHandler(handler)
     # self-attention modulates the uncond branch: the chained replace gets the cond rows
     # alone; cross-attention modulates cond: it gets the uncond rows alone
     assert (0,) in seen["attn1"] and (1,) in seen["attn2"], seen
@@ -334,18 +327,11 @@ def test_a_chained_replace_gets_the_branches_of_its_rows(env):
 def test_continuous_model_sampling_is_warned_about(env):
     """treg reads discrete 0..999 timesteps: a model patched to continuous sampling would get
     almost no modulation, which the patch says when it is applied."""
-    import logging
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
-    try:
+    with warnings_logged() as messages:
         patch(env)
         assert not [m for m in messages if "not SD1.5's discrete schedule" in m]
         edm = env["cls"]["ModelSamplingContinuousEDM"]().patch(env["model"], "eps", 120.0, 0.002)[0]
         patch(env, model=edm)
-    finally:
-        logging.getLogger().removeHandler(handler)
     assert [m for m in messages if "sampling is ModelSamplingAdvanced, not SD1.5's discrete schedule" in m]
 
 

@@ -31,21 +31,47 @@ def pattern(n: int, w: int, h: int) -> np.ndarray:
     return out
 
 
-def make_video(path: str, n: int = 12, w: int = 96, h: int = 64, fps: int = 12) -> np.ndarray:
+def write_frames(path, frames, fps=12, codec="libx264", pix_fmt="yuv420p", pts=None, audio_seconds=0.0,
+                 metadata=None, options=None, sample_aspect=None):
+    """Frames [n, h, w, 3 or 4 (RGBA)] uint8 to `path`; `pts` (in 1/1000 s) for variable frame rates,
+    `audio_seconds` of silence in a second stream, encoder `options`, non-square pixels
+    (`sample_aspect`, a Fraction)."""
     import av
-    ext = os.path.splitext(path)[1][1:]
-    codec, pix_fmt = FORMATS[ext]
-    frames = pattern(n, w, h)
     with av.open(path, mode="w") as c:
+        for k, v in (metadata or {}).items():
+            c.metadata[k] = v
         s = c.add_stream(codec, rate=Fraction(fps))
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        if codec == "libvpx-vp9":
-            s.options = {"lossless": "1"}
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if options:
+            s.options = options
+        if sample_aspect:
+            s.codec_context.sample_aspect_ratio = sample_aspect
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        a = c.add_stream("aac", rate=8000) if audio_seconds else None
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgba" if f.shape[-1] == 4 else "rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], Fraction(1, 1000)
+            for p in s.encode(vf):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
+        if a is not None:
+            for j in range(int(audio_seconds * 8000) // 1024):
+                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                af.sample_rate, af.pts = 8000, j * 1024
+                for p in a.encode(af):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)
+
+
+def make_video(path: str, n: int = 12, w: int = 96, h: int = 64, fps: int = 12) -> np.ndarray:
+    codec, pix_fmt = FORMATS[os.path.splitext(path)[1][1:]]
+    frames = pattern(n, w, h)
+    write_frames(path, frames, fps=fps, codec=codec, pix_fmt=pix_fmt,
+           options={"lossless": "1"} if codec == "libvpx-vp9" else None)
     return frames
 
 
@@ -254,36 +280,6 @@ def test_bad_inputs_fail_clearly_through_the_server(comfy_server, tmp_path):
 
 
 # ---------------------------------------------------------------- awkward but valid files
-def _write(path, frames, fps=12, codec="libx264", pix_fmt="yuv420p", pts=None, audio_seconds=0.0, metadata=None):
-    """Frames [n, h, w, 3] uint8 to `path`; `pts` (in 1/1000 s) for variable frame rates,
-    `audio_seconds` of silence in a second stream."""
-    import av
-    with av.open(path, mode="w") as c:
-        for k, v in (metadata or {}).items():
-            c.metadata[k] = v
-        s = c.add_stream(codec, rate=Fraction(fps))
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        if pts is not None:
-            s.codec_context.time_base = Fraction(1, 1000)
-        a = c.add_stream("aac", rate=8000) if audio_seconds else None
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            if pts is not None:
-                vf.pts, vf.time_base = pts[i], Fraction(1, 1000)
-            for p in s.encode(vf):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-        if a is not None:
-            for j in range(int(audio_seconds * 8000) // 1024):
-                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-                af.sample_rate, af.pts = 8000, j * 1024
-                for p in a.encode(af):
-                    c.mux(p)
-            for p in a.encode():
-                c.mux(p)
-
-
 def _rotate_mp4_display(path):
     """Set the video track's display matrix (tkhd) to a 90 degree clockwise turn, as phones
     store portrait clips: the pixels stay landscape, players turn them."""
@@ -300,7 +296,7 @@ def test_phone_rotation_is_applied(comfy_host, input_dir):
     frames = np.full((3, 48, 64, 3), 20, np.uint8)
     frames[:, :16, :16] = 230  # a bright block at the top left of the stored (landscape) pixels
     path = os.path.join(input_dir, "rotated.mp4")
-    _write(path, frames)
+    write_frames(path, frames)
     _rotate_mp4_display(path)
     images, _, count, tr = load(comfy_host, "rotated.mp4")
     # turned clockwise: portrait, and the block is now at the top right
@@ -312,19 +308,9 @@ def test_non_square_pixels_are_shown_at_their_display_aspect(comfy_host, input_d
     """A 64x48 stream with 2:1 pixels (anamorphic) is a 128x48 picture: the loader makes
     square pixels of it, and the transform it reports maps the stored size to the shown one
     (so masks at the stored size line up)."""
-    import av
     frames = np.full((3, 48, 64, 3), 20, np.uint8)
     frames[:, :, 16:32] = 230  # stored columns 16..31: shown at 32..63
-    path = os.path.join(input_dir, "anamorphic.mp4")
-    with av.open(path, "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(12))
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        s.codec_context.sample_aspect_ratio = Fraction(2, 1)
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_frames(os.path.join(input_dir, "anamorphic.mp4"), frames, sample_aspect=Fraction(2, 1))
     images, _, count, tr = load(comfy_host, "anamorphic.mp4")
     assert images.shape == (3, 48, 128, 3) and tr.source_size == (64, 48) and tr.resized_size == (128, 48)
     assert images[0, :, 36:60].mean() > 0.8 and images[0, :, 4:28].mean() < 0.2 and images[0, :, 68:124].mean() < 0.2
@@ -335,12 +321,12 @@ def test_non_square_pixels_are_shown_at_their_display_aspect(comfy_host, input_d
 def test_webm_frame_count_ignores_longer_audio_and_fps_follows_variable_timing(comfy_host, input_dir):
     """webm/mkv store no frame count: 30 frames beside 3 s of audio are 30 (the container's
     duration would say 96), and a variable frame rate gets its mean rate, not the nominal."""
-    _write(os.path.join(input_dir, "audio_long.mkv"), pattern(30, 32, 32), fps=30, audio_seconds=3.0)
+    write_frames(os.path.join(input_dir, "audio_long.mkv"), pattern(30, 32, 32), fps=30, audio_seconds=3.0)
     images, fps, count, tr = load(comfy_host, "audio_long.mkv", frame_load_cap=4)
     assert count == 4 and tr.source_frame_count == 30 and fps == pytest.approx(30.0)
     # 60 frames over 2.36 s with a nominal rate of 100: the mean is about 25 fps
     pts = np.cumsum([0] + [20 if i % 2 else 60 for i in range(59)]).tolist()
-    _write(os.path.join(input_dir, "vfr.mkv"), pattern(60, 32, 32), fps=100, pts=pts)
+    write_frames(os.path.join(input_dir, "vfr.mkv"), pattern(60, 32, 32), fps=100, pts=pts)
     images, fps, count, tr = load(comfy_host, "vfr.mkv", skip_first_frames=15)
     assert count == 45 and tr.source_frame_count == 60
     assert fps == pytest.approx(59 / (pts[-1] / 1000), rel=1e-3)
@@ -348,7 +334,7 @@ def test_webm_frame_count_ignores_longer_audio_and_fps_follows_variable_timing(c
 
 def test_tags_that_are_not_utf8_do_not_block_the_file(comfy_host, input_dir):
     path = os.path.join(input_dir, "latin1_tags.mp4")
-    _write(path, pattern(3, 32, 32), metadata={"title": "cafe-XX"})
+    write_frames(path, pattern(3, 32, 32), metadata={"title": "cafe-XX"})
     data = open(path, "rb").read()
     open(path, "wb").write(data.replace(b"cafe-XX", b"caf\xe9-\xff\xfe"))  # same length, not UTF-8
     images, _, count, _ = load(comfy_host, "latin1_tags.mp4")
@@ -364,7 +350,7 @@ def test_a_damaged_stretch_keeps_the_frames_before_it(comfy_host, input_dir):
     path = os.path.join(input_dir, "broken_tail.mkv")
     frames = np.random.default_rng(99).integers(0, 256, (40, 48, 64, 3), dtype=np.uint8)
     for seed in range(10):
-        _write(path, frames, codec="mjpeg", pix_fmt="yuvj420p")
+        write_frames(path, frames, codec="mjpeg", pix_fmt="yuvj420p")
         data = bytearray(open(path, "rb").read())
         rng = np.random.default_rng(seed)
         at = int(rng.integers(len(data) // 2, len(data) - 100))

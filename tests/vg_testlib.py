@@ -1,7 +1,10 @@
 """Helpers shared by the tests: host location, server process control, HTTP client."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -12,6 +15,28 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 PACK_NAME = "ComfyUI-VideoGrain"
+
+
+@contextlib.contextmanager
+def warnings_logged(logger_name: str = ""):
+    """The messages of WARNING and above that `logger_name` (default: the root logger) gets
+    inside the block; works with pytest's logging plugin off (-p no:logging)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(logger_name or None)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def file_identity(path: str) -> tuple[int, str]:
+    """(inode, sha256 of the bytes): a rewrite by temp file + rename makes a new inode, while
+    touching the file's times changes neither."""
+    with open(path, "rb") as f:
+        return os.stat(path).st_ino, hashlib.sha256(f.read()).hexdigest()
 
 
 def comfyui_path() -> str:
