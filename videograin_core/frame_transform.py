@@ -52,9 +52,10 @@ class FrameTransform:
                 "crop_box": list(self.crop_box)}
 
 
-def plan_frame_indices(source_frame_count: int, skip_first: int = 0, every_nth: int = 1, frame_cap: int = 0) -> tuple[int, ...]:
-    """Indices of the kept frames: drop `skip_first`, keep every `every_nth`, at most
-    `frame_cap` of them (0 = no cap)."""
+def kept_frames(source_frame_count: int, skip_first: int = 0, every_nth: int = 1, frame_cap: int = 0) -> range:
+    """Indices of the kept frames as a range (its length costs nothing, however many frames
+    a header claims): drop `skip_first`, keep every `every_nth`, at most `frame_cap` of them
+    (0 = no cap)."""
     if skip_first < 0:
         raise ValueError(f"skip_first_frames must be >= 0, got {skip_first}")
     if every_nth < 1:
@@ -62,9 +63,12 @@ def plan_frame_indices(source_frame_count: int, skip_first: int = 0, every_nth: 
     if frame_cap < 0:
         raise ValueError(f"frame_load_cap must be >= 0 (0 = all frames), got {frame_cap}")
     idx = range(skip_first, source_frame_count, every_nth)
-    if frame_cap:
-        idx = idx[:frame_cap]
-    return tuple(idx)
+    return idx[:frame_cap] if frame_cap else idx
+
+
+def plan_frame_indices(source_frame_count: int, skip_first: int = 0, every_nth: int = 1, frame_cap: int = 0) -> tuple[int, ...]:
+    """kept_frames as the tuple a FrameTransform holds."""
+    return tuple(kept_frames(source_frame_count, skip_first, every_nth, frame_cap))
 
 
 def plan_transform(source_size: tuple[int, int], source_frame_count: int, *, skip_first: int = 0,
@@ -118,4 +122,4 @@ def estimate_frames_bytes(transform: FrameTransform, channels: int = 3, bytes_pe
 
 
 
-__all__ = ["FrameTransform", "plan_transform", "plan_frame_indices", "estimate_frames_bytes"]
+__all__ = ["FrameTransform", "plan_transform", "kept_frames", "plan_frame_indices", "estimate_frames_bytes"]

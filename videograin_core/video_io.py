@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .frame_transform import FrameTransform, plan_transform
+from .frame_transform import FrameTransform, kept_frames, plan_transform
 
 __all__ = ["FrameTransform", "VideoInfo", "probe_video", "estimate_load_bytes", "load_video", "write_video",
            "VIDEO_EXTENSIONS", "format_bytes"]
@@ -180,7 +180,7 @@ def load_video(path: str, *, skip_first: int = 0, every_nth: int = 1, frame_cap:
         plan = dict(skip_first=skip_first, every_nth=every_nth, frame_cap=frame_cap, short_side=short_side, crop=crop,
                     multiple_of=multiple_of, pixel_aspect=pixel_aspect)
         sizes = plan_transform((info.width, info.height), 0, **plan)  # the sizes alone, no frame list yet
-        kept_count = len(range(skip_first, plan_count, max(every_nth, 1))[:frame_cap or None])
+        kept_count = len(kept_frames(plan_count, skip_first, every_nth, frame_cap))
         if meta_count is not None and kept_count == 0:
             raise ValueError(f"video {label!r} has {meta_count} frames: skip_first_frames={skip_first} leaves none; "
                              "lower skip_first_frames")
