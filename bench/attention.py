@@ -7,7 +7,7 @@ size term): the self-attention defaults at the first step.
     python bench/attention.py [--frames 4 8 16 32] [--repeats 3] [--dense-limit-gb 8] [--threads N]
 
 Methods
-- layout: videograin_core.st_layout.layout_attention (chunked, memory linear in F);
+- layout: videograin_core.attention.st_layout.layout_attention (chunked, memory linear in F);
 - sdpa:   torch.nn.functional.scaled_dot_product_attention over the same keys,
           unmodulated (the fused kernel: the speed floor we compare against);
 - dense:  the rule materialised as the reference implementation does: all heads'
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from videograin_core.region_layout import RegionLayout, treg  # noqa: E402
-from videograin_core.st_layout import layout_attention  # noqa: E402
+from videograin_core.attention.region_layout import RegionLayout, treg  # noqa: E402
+from videograin_core.attention.st_layout import layout_attention  # noqa: E402
 
 from proc_memory import peak_rss_bytes, settle_and_reset_peak  # noqa: E402  (bench/ is sys.path[0])
 

@@ -20,8 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from videograin_core.region_layout import treg  # noqa: E402
-from videograin_core.st_layout import full_attention, layout_attention  # noqa: E402
+from videograin_core.attention.region_layout import treg  # noqa: E402
+from videograin_core.attention.st_layout import full_attention, layout_attention  # noqa: E402
 
 HEADS, TEXT = 8, 77
 LAYERS = ((32, 640), (16, 1280), (8, 1280))  # (token grid, channels) of a 512x512 clip's modulated layers

@@ -7,7 +7,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core.prompt_splice import interior_tokens, overlapping_spans, place_spans
+from ..videograin_core.prompts.prompt_splice import interior_tokens, overlapping_spans, place_spans
 
 from .wire_types import LAYOUT
 

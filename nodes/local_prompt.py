@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..videograin_core.layout import Layout
+from ..videograin_core.prompts.layout import Layout
 
 from .wire_types import LAYOUT
 

@@ -1,7 +1,7 @@
 """Region Mask nodes: one region's mask per frame, lined up with the loaded frames.
 
 Both nodes take the Video Loader's VIDEOGRAIN_TRANSFORM and put the mask through the same
-frame selection, resize and crop as the frames (videograin_core.region_masks.align_mask_frames),
+frame selection, resize and crop as the frames (videograin_core.video.region_masks.align_mask_frames),
 one frame at a time.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core.region_masks import CHANNELS, align_mask_frames, align_masks, open_mask_source, safe_input_path
+from ..videograin_core.video.region_masks import CHANNELS, align_mask_frames, align_masks, open_mask_source, safe_input_path
 
 from .wire_types import TRANSFORM
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core import ddim
-from .ddim_invert import Inversion, check_control_hints, run_sampler
+from ..videograin_core.sampling import ddim
+from .host_glue import check_control_hints, run_sampler
+from .wire_types import INVERSION as Inversion
 
 from .wire_types import LAYOUT as Layout
 

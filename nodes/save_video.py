@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
-from ..videograin_core import video_io
+from ..videograin_core.video import video_io
 
 
 def side_by_side(source: torch.Tensor, edit: torch.Tensor):

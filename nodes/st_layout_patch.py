@@ -1,6 +1,6 @@
 """ST-Layout Patch: the method's attention inside the host's UNet, through the public
 attention-replace patch points only. The runtime lives in
-videograin_core.st_layout_patch; this node finds the transformer blocks, chains any
+videograin_core.attention.runtime; this node finds the transformer blocks, chains any
 replace already registered, and checks inputs before sampling starts."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import re
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core.st_layout import layout_attention
-from ..videograin_core.st_layout_patch import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
+from ..videograin_core.attention.st_layout import layout_attention
+from ..videograin_core.attention.runtime import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
 
 from .wire_types import LAYOUT
 WRAPPER_KEY = "videograin_st_layout"

@@ -10,8 +10,8 @@ import folder_paths
 import psutil
 from comfy_api.latest import io
 
-from ..videograin_core import video_io
-from ..videograin_core.input_paths import InputPathError, resolve_inside
+from ..videograin_core.video import video_io
+from ..videograin_core.video.input_paths import InputPathError, resolve_inside
 
 from .wire_types import TRANSFORM as Transform
 

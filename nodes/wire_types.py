@@ -1,6 +1,6 @@
 """The pack's own wire types, declared once (their names are stored in saved workflows)."""
 from comfy_api.latest import io
 
-LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")          # videograin_core.layout.Layout
-TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")    # videograin_core.frame_transform.FrameTransform
-INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.ddim.Inversion
+LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")          # videograin_core.prompts.layout.Layout
+TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")    # videograin_core.video.frame_transform.FrameTransform
+INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.sampling.ddim.Inversion

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (videograin_core/kernels/online_chunk.c) against torch."""
+"""The fused CPU kernel (videograin_core/attention/kernels/online_chunk.c) against torch."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from videograin_core import cpu_kernel
+from videograin_core.attention import cpu_kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_build_is_cached_per_user_and_source(tmp_path):
     """A fresh cache folder gets one library named by the source's hash, built in a private
     folder; a second process loads it without compiling again."""
     env = dict(os.environ, VIDEOGRAIN_KERNEL_DIR=str(tmp_path / "k"))
-    code = ("from videograin_core import cpu_kernel; import sys; "
+    code = ("from videograin_core.attention import cpu_kernel; import sys; "
             "sys.exit(0 if cpu_kernel.available() else cpu_kernel.unavailable_reason())")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
     built = list((tmp_path / "k").iterdir())
@@ -110,7 +110,7 @@ def test_no_compiler_falls_back_to_torch(tmp_path):
     env = dict(os.environ, VIDEOGRAIN_KERNEL_DIR=str(tmp_path / "empty"), PATH="", CC="")
     code = r"""
 import torch
-from videograin_core import cpu_kernel, st_layout
+from videograin_core.attention import cpu_kernel, st_layout
 assert not cpu_kernel.available()
 assert "compiler" in cpu_kernel.unavailable_reason(), cpu_kernel.unavailable_reason()
 g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ print("FALLBACK-OK")
 
 def test_disabled_by_environment(tmp_path):
     env = dict(os.environ, VIDEOGRAIN_CPU_KERNEL="0", VIDEOGRAIN_KERNEL_DIR=str(tmp_path / "k"))
-    code = ("from videograin_core import cpu_kernel; assert not cpu_kernel.available(); "
+    code = ("from videograin_core.attention import cpu_kernel; assert not cpu_kernel.available(); "
             "assert 'VIDEOGRAIN_CPU_KERNEL' in cpu_kernel.unavailable_reason()")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
     assert not (tmp_path / "k").exists()

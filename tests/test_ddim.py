@@ -30,8 +30,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pack(comfy_host):
-    return pack_modules(comfy_host, invert="nodes.ddim_invert", sample="nodes.sample",
-                        layout="videograin_core.layout", cache="videograin_core.inversion_cache")
+    return pack_modules(comfy_host, invert="nodes.ddim_invert", glue="nodes.host_glue", sample="nodes.sample",
+                        layout="videograin_core.prompts.layout", cache="videograin_core.sampling.inversion_cache")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_schedule_is_the_references_for_any_step_count(pack, smooth):
     import comfy.samplers
     ms = smooth.model.get_model_object("model_sampling")
     for steps in (3, 4, 30, 50, 999):
-        sig = pack.invert.ddim_sigmas(smooth.model, steps)
+        sig = pack.glue.ddim_sigmas(smooth.model, steps)
         assert sig.shape == (steps + 1,) and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())
         t = ms.timestep(sig[:-1]).round().long().flip(0)
         assert torch.equal(t, torch.arange(steps) * (1000 // steps) + 1), steps
@@ -142,11 +142,11 @@ def test_schedule_is_the_references_for_any_step_count(pack, smooth):
             assert torch.equal(sig, host), steps
         else:
             assert host.shape[0] == steps + 2, steps  # the host's schedule has one step more
-    assert [round(float(ms.timestep(s))) for s in pack.invert.ddim_sigmas(smooth.model, 50)[:3]] == [981, 961, 941]
+    assert [round(float(ms.timestep(s))) for s in pack.glue.ddim_sigmas(smooth.model, 50)[:3]] == [981, 961, 941]
     with pytest.raises(ValueError, match="steps is 1000 but the model has 1000 timesteps: use at most 999"):
         invert(pack, smooth, _latent(), 1000)
     _, inv = invert(pack, smooth, _latent(), 7)
-    assert torch.equal(inv.sigmas, pack.invert.ddim_sigmas(smooth.model, 7).flip(0)) and inv.steps == 7
+    assert torch.equal(inv.sigmas, pack.glue.ddim_sigmas(smooth.model, 7).flip(0)) and inv.steps == 7
     assert inv.trajectory.shape[0] == 8
     sample(pack, smooth, inv)
 
@@ -214,15 +214,15 @@ def test_cache_bound_comes_from_the_environment(pack, smooth, cache_dir, monkeyp
     invert(pack, smooth, _latent(seed=21), 2, use_cache=True)
     assert len(_cache_files(cache_dir)) == 1
     monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", "lots")
-    assert pack.invert.cache_max_bytes() == pack.cache.DEFAULT_MAX_BYTES == 10 * 2**30
+    assert pack.glue.cache_max_bytes() == pack.cache.DEFAULT_MAX_BYTES == 10 * 2**30
     monkeypatch.delenv("VIDEOGRAIN_CACHE_MAX_GB")
-    assert pack.invert.cache_max_bytes() == 10 * 2**30
+    assert pack.glue.cache_max_bytes() == 10 * 2**30
     import sys
     for unbounded in ("0", "inf", "-1", "1e400"):
         monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", unbounded)
-        assert pack.invert.cache_max_bytes() == sys.maxsize, unbounded
+        assert pack.glue.cache_max_bytes() == sys.maxsize, unbounded
     monkeypatch.setenv("VIDEOGRAIN_CACHE_MAX_GB", "2.5")
-    assert pack.invert.cache_max_bytes() == int(2.5 * 2**30)
+    assert pack.glue.cache_max_bytes() == int(2.5 * 2**30)
 
 
 def test_images_input_is_keyed_by_pixels_and_vae_and_a_hit_skips_the_encode(pack, smooth, cache_dir, monkeypatch):
@@ -420,7 +420,7 @@ def test_control_lora_weights_are_in_the_key(pack, comfy_host):
     def key(scale):
         c = comfy.controlnet.ControlLora({"lora_controlnet": torch.ones(8) * scale})
         c.set_cond_hint(hint, 1.0)
-        return pack.cache.make_key({"control": c}, hook=pack.invert._host_fingerprint)
+        return pack.cache.make_key({"control": c}, hook=pack.glue.host_fingerprint)
     assert key(1.0) == key(1.0) != key(2.0)
 
 

@@ -101,7 +101,7 @@ def test_side_by_side_and_writing_go_a_frame_at_a_time(comfy_host, tmp_path):
     a frame of another size stops it with no file left behind."""
     import torch.nn.functional as F
     mod = import_module(f"{comfy_host.pack.__name__}.nodes.save_video")
-    video_io = import_module(f"{comfy_host.pack.__name__}.videograin_core.video_io")
+    video_io = import_module(f"{comfy_host.pack.__name__}.videograin_core.video.video_io")
     g = torch.Generator().manual_seed(2)
     src, edit = torch.rand(4, 96, 128, 3, generator=g), torch.rand(4, 48, 64, 3, generator=g)
     frames = mod.side_by_side(src, edit)

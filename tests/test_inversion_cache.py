@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from videograin_core.inversion_cache import tensor_digest
+from videograin_core.sampling.inversion_cache import tensor_digest
 
 
 def test_sampled_digest_of_a_large_tensor_stays_in_bounds():
@@ -39,7 +39,7 @@ def _plain_digest(t: torch.Tensor, sample: bool) -> str:
 def test_digest_hashes_pieces_like_the_whole(monkeypatch):
     """Pieces (here 7 values; a row at a time for non-contiguous tensors) give the digest of
     all bytes at once, so keys of entries written before stay valid."""
-    import videograin_core.inversion_cache as ic
+    import videograin_core.sampling.inversion_cache as ic
     monkeypatch.setattr(ic, "_HASH_PIECE_ELEMENTS", 7)
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(3, 5, 4, 3, generator=g)                 # an IMAGE batch
@@ -55,7 +55,7 @@ def test_digest_and_checksum_hold_no_copy_of_the_values():
     sees every Python-level allocation, a `tobytes()` copy included)."""
     import tracemalloc
 
-    import videograin_core.inversion_cache as ic
+    import videograin_core.sampling.inversion_cache as ic
     frames = torch.rand(16, 512, 512, 4)  # 64 MiB of float32
     tracemalloc.start()
     try:
@@ -89,7 +89,7 @@ def _plain_digest_bits(t: torch.Tensor) -> str:
 
 
 def _entry(steps=2, frames=1, seed=0):
-    from videograin_core.ddim import Inversion
+    from videograin_core.sampling.ddim import Inversion
     g = torch.Generator().manual_seed(seed)
     lat = torch.randn(frames, 4, 8, 8, generator=g)
     return Inversion(latent=lat, trajectory=torch.randn(steps + 1, frames, 4, 8, 8, generator=g),
@@ -102,7 +102,7 @@ def test_cache_stays_within_its_bound_least_recently_used_first(tmp_path):
     import os
     import time
 
-    from videograin_core.inversion_cache import InversionCache
+    from videograin_core.sampling.inversion_cache import InversionCache
     keys = [f"{i:064x}" for i in range(4)]
     probe = InversionCache(str(tmp_path / "probe"))
     size = os.path.getsize(probe.save(keys[0], _entry()))
@@ -129,7 +129,7 @@ def test_a_second_server_pruning_the_same_folder_is_no_harm(tmp_path, monkeypatc
     entry that vanishes between the existence check and the read is a miss, not 'damaged'."""
     import os
 
-    import videograin_core.inversion_cache as ic
+    import videograin_core.sampling.inversion_cache as ic
     keys = [f"{i:064x}" for i in range(3)]
     cache = ic.InversionCache(str(tmp_path), max_bytes=1 << 40)
     for i, k in enumerate(keys):

@@ -10,7 +10,7 @@ from vg_testlib import pack_modules, warnings_logged
 
 @pytest.fixture(scope="module")
 def pack(comfy_host):
-    return pack_modules(comfy_host, splice="videograin_core.prompt_splice", layout="videograin_core.layout")
+    return pack_modules(comfy_host, splice="videograin_core.prompts.prompt_splice", layout="videograin_core.prompts.layout")
 
 
 @pytest.fixture(scope="module")

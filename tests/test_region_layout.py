@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videograin_core.region_layout import RegionLayout, masks_at_grid, treg
+from videograin_core.attention.region_layout import RegionLayout, masks_at_grid, treg
 
 
 def random_masks(frames, regions, h, w, seed=0, dtype=torch.bool):

@@ -14,8 +14,8 @@ from vg_testlib import pack_modules
 
 @pytest.fixture(scope="module")
 def core(comfy_host):
-    return pack_modules(comfy_host, ft="videograin_core.frame_transform", rm="videograin_core.region_masks",
-                        layout="videograin_core.layout")
+    return pack_modules(comfy_host, ft="videograin_core.video.frame_transform", rm="videograin_core.video.region_masks",
+                        layout="videograin_core.prompts.layout")
 
 
 def _node(comfy_host, node_id):
@@ -98,7 +98,7 @@ def source_frame(i, h, w):
 _MEASURE = """
 import json, sys, torch
 from proc_memory import peak_rss_bytes, settle_and_reset_peak
-from videograin_core import frame_transform as ft, region_masks as rm
+from videograin_core.video import frame_transform as ft, region_masks as rm
 w, h, n = 1920, 1080, 120
 t = ft.plan_transform((w, h), n, skip_first=0, every_nth=4, frame_cap=0, short_side=64, crop="center")
 base = settle_and_reset_peak()

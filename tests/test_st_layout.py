@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videograin_core import cpu_kernel, st_layout
-from videograin_core.st_layout import block_plan, full_attention, layout_attention
+from videograin_core.attention import cpu_kernel, st_layout
+from videograin_core.attention.st_layout import block_plan, full_attention, layout_attention
 
 
 @pytest.fixture(autouse=True, params=["fused", "fused-tiny-chunks", "torch"])

@@ -25,7 +25,7 @@ def env(comfy_host, test_models):
     nodes = comfy_host.nodes
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_clipvision=False)
     pack = comfy_host.pack.__name__
-    Layout = import_module(pack + ".videograin_core.layout").Layout
+    Layout = import_module(pack + ".videograin_core.prompts.layout").Layout
     left = torch.zeros(FRAMES, LATENT * 8, LATENT * 8)
     left[:, :, :32] = 1
     left[1, :, :16] = 0  # the region moves between frames
@@ -140,7 +140,7 @@ def test_calls_over_all_frames_go_to_the_frames_kernel(env):
     """Routing inside the runtime: the unmodulated self-attention over all frames (whole
     call, or the chunks left over beside a modulated one) goes to frames_attention; per-frame
     self-attention and cross-attention to the host's; a chained replace takes all of them."""
-    rt_mod = import_module(env["pack"] + ".videograin_core.st_layout_patch")
+    rt_mod = import_module(env["pack"] + ".videograin_core.attention.runtime")
     calls = []
 
     def kernel(name):
@@ -315,7 +315,7 @@ def test_a_chained_replace_gets_the_branches_of_its_rows(env):
     for kind, number in transformer_blocks(m):
         m.set_model_attn1_replace(by_branch("attn1"), kind, number, 0)
         m.set_model_attn2_replace(by_branch("attn2"), kind, number, 0)
-    with warnings_logged(env["pack"] + ".videograin_core.st_layout_patch") as messages:
+    with warnings_logged(env["pack"] + ".videograin_core.attention.runtime") as messages:
         for full_frame in (True, False):
             sample(env, patch(env, model=m, end_percent=1.0, full_frame_attention=full_frame))
     # self-attention modulates the uncond branch: the chained replace gets the cond rows
@@ -338,8 +338,8 @@ def test_continuous_model_sampling_is_warned_about(env):
 def test_step_window_counts_steps_exactly():
     """end_percent * steps that float arithmetic puts a hair above a whole number (0.28 * 50
     = 14.000000000000002) must not let one more step in."""
-    from videograin_core.layout import Layout
-    from videograin_core.st_layout_patch import PatchOptions, STLayoutRuntime
+    from videograin_core.prompts.layout import Layout
+    from videograin_core.attention.runtime import PatchOptions, STLayoutRuntime
     lay = Layout().add(torch.ones(1, 16, 16), "x").with_spans([(1, 2)], 77)
     schedule = torch.linspace(14.6, 0.0, 51)
     for end, want in ((0.28, 14), (0.14, 7), (0.3, 15), (1.0, 50), (0.0, 0)):
@@ -349,7 +349,7 @@ def test_step_window_counts_steps_exactly():
 
 
 def test_layers_are_chosen_by_token_grid(env):
-    rt_mod = import_module(env["pack"] + ".videograin_core.st_layout_patch")
+    rt_mod = import_module(env["pack"] + ".videograin_core.attention.runtime")
     rt = rt_mod.STLayoutRuntime(env["layout"], rt_mod.PatchOptions(), None, None, None)
     grids = {64: None, 32: (32, 32), 16: (16, 16), 8: (8, 8), 4: None}
     for h, expect in grids.items():

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .layout import Layout
+from ..prompts.layout import Layout
 from .region_layout import SIZE_TERMS, RegionLayout, treg
 
 log = logging.getLogger(__name__)
