@@ -27,13 +27,20 @@ def loop_grid(masks, h, w):
     share = lambda a, b: bool((a & b).any())
     same = torch.zeros(f, hw)
     every = torch.zeros(f * hw)
+    # the official code's count: a key once per region it shares with the query
+    same_per_region = torch.zeros(f, hw)
+    every_per_region = torch.zeros(f * hw)
     for i in range(f * hw):
         for j in range(f * hw):
+            shared = int((clip[i] & clip[j]).sum())
+            every_per_region[i] += shared
+            if i // hw == j // hw:
+                same_per_region[i // hw, i % hw] += shared
             if share(clip[i], clip[j]):
                 every[i] += 1
                 if i // hw == j // hw:
                     same[i // hw, i % hw] += 1
-    return clip, same, every
+    return clip, same, every, same_per_region, every_per_region
 
 
 @pytest.mark.parametrize("frames,h,w", [(3, 5, 7), (1, 3, 4), (2, 8, 8), (2, 9, 13)])
@@ -41,13 +48,17 @@ def test_grid_membership_and_sizes_match_loops(frames, h, w):
     masks = random_masks(frames, 3, 72, 104, seed=h * w)
     layout = RegionLayout(masks)
     g = layout.grid(h, w)
-    clip, same, every = loop_grid(masks, h, w)
+    clip, same, every, same_per_region, every_per_region = loop_grid(masks, h, w)
     hw = h * w
     assert torch.equal(g.clip_regions, clip)
     assert torch.equal(g.frame_regions, clip.view(frames, hw, -1))
     assert torch.allclose(g.cross_size, 1 - same / hw)
     assert torch.allclose(g.self_size("paper"), 1 - every / (frames * hw))
-    assert torch.allclose(g.self_size("reference"), 1 - every / (frames * frames * hw))
+    # the masks overlap, so the two counts differ somewhere: the reference term sums over regions
+    assert bool((every_per_region != every).any())
+    assert torch.allclose(g.self_size("reference"), 1 - every_per_region / (frames * frames * hw))
+    assert torch.allclose(g.frame_self_size("paper"), 1 - same / hw)
+    assert torch.allclose(g.frame_self_size("reference"), 1 - same_per_region / (hw * frames))
     # tokens in no region: nothing positive, size 1
     none = ~clip.any(1)
     assert torch.all(g.self_size("paper")[none] == 1)

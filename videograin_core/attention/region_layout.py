@@ -12,7 +12,7 @@ conditioning. It answers, per token grid (h, w) and cached per grid:
         .frame_regions  bool [F, h*w, S] cross-attention queries, per frame
         .cross_size     float [F, h*w]   1 - |pixels of the frame sharing a region with x| / (h*w)
         .self_size(term) float [F*h*w]   1 - |positive keys| / (F*h*w)        ("paper")
-                                         1 - |positive keys| / (F*F*h*w)      ("reference")
+                                         1 - sum_s m_s(q) |region s| / (F*F*h*w)  ("reference")
     layout.text_regions(key_length) -> bool [Lk, S]   text token p is in region s iff
                                          p % token_count lies in s's span
 
@@ -20,10 +20,13 @@ Rules chosen where the method leaves room:
 - Masks go to the grid by nearest-neighbour sampling (F.interpolate mode="nearest"), then
   a value > 0.5 is inside. Any grid works, odd ones included (the UNet's stride-2 convs
   give ceil(prev / 2): a 9x13 latent has grids 9x13, 5x7, 3x4, 2x2).
-- A pixel in several regions: its "region" for the size terms is the union of its
-  regions, i.e. the count is of the pixels / keys that share at least one region with
-  it. This is the same set the positive map P marks, so size = 1 - (share of P that is
-  positive) for self-attention, and the per-frame analogue for cross-attention.
+- A pixel in several regions: the "paper" self-attention term and the cross-attention
+  term count the pixels / keys that share at least one region with it (the union of its
+  regions), the same set the positive map P marks, so size = 1 - (share of P that is
+  positive). The "reference" self-attention term counts as the official code does: a key
+  once per region it shares with the query, sum over regions s of m_s(q) * m_s(k), so a
+  key in two of the query's regions counts twice (METHOD.md section 6b). Without overlaps
+  the two counts are equal.
 - A token in no region has no positive key (P is all false). Its count is 0, so its
   size is 1 and c = strength * treg: the rule then pushes every key toward the row
   minimum by the same factor, which is a pure temperature (1 - c) on that row. That is
@@ -91,6 +94,8 @@ class GridLayout:
     clip_regions: torch.Tensor          # bool [F*h*w, S], frame-major
     frame_positive_counts: torch.Tensor  # long [F, h*w]: same-frame pixels sharing a region (self included)
     clip_positive_counts: torch.Tensor   # long [F*h*w]: tokens of all frames sharing a region
+    frame_region_sums: torch.Tensor      # long [F, h*w]: sum over x's regions of their same-frame sizes
+    clip_region_sums: torch.Tensor       # long [F*h*w]: sum over the token's regions of their clip sizes
 
     @property
     def tokens(self) -> int:
@@ -103,11 +108,24 @@ class GridLayout:
 
     def self_size(self, term: str = "reference") -> torch.Tensor:
         """float [F*h*w]: self-attention size over all frames' keys.
-        "paper": 1 - n / (F*h*w); "reference": 1 - n / (F*F*h*w) (~1 for typical F)."""
+        "paper": 1 - n / (F*h*w) with n the keys sharing a region with the query;
+        "reference": 1 - n' / (F*F*h*w) with n' = sum over the query's regions of their
+        sizes (a key counted once per shared region; ~1 for typical F)."""
         if term not in SIZE_TERMS:
             raise ValueError(f"size term must be one of {SIZE_TERMS}, got {term!r}")
-        keys = self.frames * self.tokens * (self.frames if term == "reference" else 1)
-        return 1.0 - self.clip_positive_counts.float() / keys
+        if term == "reference":
+            return 1.0 - self.clip_region_sums.float() / (self.frames * self.frames * self.tokens)
+        return 1.0 - self.clip_positive_counts.float() / (self.frames * self.tokens)
+
+    def frame_self_size(self, term: str = "reference") -> torch.Tensor:
+        """float [F, h*w]: the self-attention size when each frame attends to its own keys
+        only (full-frame attention off), counted as `self_size` counts; the reference's
+        extra factor F is kept so that the variants stay comparable."""
+        if term not in SIZE_TERMS:
+            raise ValueError(f"size term must be one of {SIZE_TERMS}, got {term!r}")
+        if term == "reference":
+            return 1.0 - self.frame_region_sums.float() / (self.tokens * self.frames)
+        return 1.0 - self.frame_positive_counts.float() / self.tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,8 +176,12 @@ class RegionLayout:
         frame_regions = small.flatten(2).transpose(1, 2).contiguous()   # [F, h*w, S]
         clip_regions = frame_regions.view(f * h * w, s)
         same_frame, all_frames = _positive_counts(clip_regions, f)
+        frame_sizes = frame_regions.sum(1)                               # [F, S] region sizes per frame
+        frame_sums = (frame_regions.long() * frame_sizes[:, None, :]).sum(-1)  # [F, h*w]
+        clip_sums = clip_regions.long() @ frame_sizes.sum(0)             # [F*h*w]
         g = GridLayout(int(h), int(w), f, *(t.to(device) if device is not None else t
-                                            for t in (frame_regions, clip_regions, same_frame, all_frames)))
+                                            for t in (frame_regions, clip_regions, same_frame, all_frames,
+                                                      frame_sums, clip_sums)))
         self._grids[key] = g
         return g
 
