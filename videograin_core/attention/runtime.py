@@ -1,15 +1,30 @@
-"""Runtime of the ST-Layout patch: the attention functions the host calls in place of
-its own self- and cross-attention (METHOD.md sections 2, 3 and 7).
+"""The attention runtime: the one self-attention (attn1) and one cross-attention (attn2)
+function per transformer layer that the pack registers with the host's attention-replace
+patch points (METHOD.md sections 2, 3 and 7).
 
 Host independent: the node hands in the host's attention function, the model's
 sigma -> timestep map and the layout; this module reads only the plain values the host
 puts in `extra_options` (cond_or_uncond, activations_shape, original_shape, sigmas,
-sample_sigmas, n_heads) and never imports ComfyUI.
+sample_sigmas, n_heads) and the pack's own published batch layout, and never imports
+ComfyUI.
 
-What a call does
-- Self-attention (attn1): with full-frame attention on, the batch [chunks*F, hw, C] is
-  regrouped per cond/uncond chunk into [chunks, F*hw, C] so every query sees every
-  frame's keys; on modulated layers and steps, the chunks of the chosen branch(es) get
+A layer call is a small pipeline:
+1. the batch layout: chunks x sequences x frames, as the pack published it for this UNet
+   call (attention.batch_layout), never guessed from rows // chunks when published;
+2. the `before` of each stage in `extra_options[STAGES_KEY]` (in order): a stage may
+   replace the call's q, k or v (feature injection, prompt-to-prompt control);
+3. the kernel the step needs (the ST-Layout stage below): each sequence's frames regrouped
+   into one sequence for full-frame attention, the modulated attention on modulated
+   layers and steps, else the host's (or a chained foreign replace's) attention;
+4. the `after` of each stage, in order, on the output before the layer's to_out
+   (trajectory attention, capture).
+Stages live in the model's transformer_options (per MODEL, so a node adding one clones
+the model and never changes its input), so no stage needs a second replace per layer.
+
+The ST-Layout stage
+- Self-attention (attn1): with full-frame attention on, the batch [sequences*F, hw, C]
+  is regrouped into [sequences, F*hw, C] so every query sees every frame's keys of its
+  own sequence; on modulated layers and steps, the chunks of the chosen branch(es) get
   the modulated attention (positive pair = the two tokens share a region).
 - Cross-attention (attn2): on modulated layers and steps, the positive (cond) chunks get
   the modulated attention (positive pair = pixel in region k, token in local prompt k's
@@ -29,6 +44,7 @@ from typing import Callable
 import torch
 
 from ..prompts.layout import Layout
+from .batch_layout import BatchLayout, published
 from .region_layout import SIZE_TERMS, RegionLayout, treg
 
 log = logging.getLogger(__name__)
@@ -37,6 +53,46 @@ SELF_BRANCHES = {"uncond": (1,), "cond": (0,), "both": (0, 1)}
 
 # Attention the host would run: fn(q, k, v, extra_options) -> [B, Lq, heads*d].
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+STAGES_KEY = "videograin_attention_stages"  # transformer_options: tuple of Stage objects
+
+
+@dataclass
+class AttentionCall:
+    """One call of a patched attention layer, as the stages see it. q, k, v are the host's
+    projections ([rows, tokens, heads*d]; for cross-attention k and v hold the text);
+    a `before` stage may replace them."""
+    kind: str                   # "self" (attn1) or "cross" (attn2)
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    extra_options: dict
+    batch: BatchLayout | None   # None: not a batch the pack understands (leave it alone)
+
+
+class Stage:
+    """A part of the attention runtime added by a node (see the module docstring). Both
+    hooks default to doing nothing. Stage objects are shared by clones of the model's
+    options (`__deepcopy__` returns self) and must hold no per-call state."""
+
+    def before(self, call: AttentionCall) -> None:
+        return None
+
+    def after(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def stages_of(extra_options: dict) -> tuple:
+    return tuple(extra_options.get(STAGES_KEY) or ())
+
+
+def with_stage(transformer_options: dict, stage: Stage) -> None:
+    """Append `stage` to a (cloned) model's transformer_options, keeping earlier stages."""
+    transformer_options[STAGES_KEY] = stages_of(transformer_options) + (stage,)
 
 
 @dataclass(frozen=True)
@@ -84,13 +140,11 @@ class _Terms:
     region_layout's GridLayout."""
 
     def __init__(self, g, options: PatchOptions):
-        ref = options.size_term == "reference"
         self.frame_regions = g.frame_regions                       # bool [F, hw, S]
         self.clip_regions = g.clip_regions                         # bool [F*hw, S]
         self.self_size_clip = g.self_size(options.size_term)       # [F*hw]
-        # Per-frame self-attention (full-frame attention off): the keys are the frame's own
-        # tokens; the reference's extra factor F is kept so that the variants stay comparable.
-        self.self_size_frame = 1.0 - g.frame_positive_counts.float() / (g.tokens * (g.frames if ref else 1))
+        # per-frame self-attention (full-frame attention off): the frame's own keys
+        self.self_size_frame = g.frame_self_size(options.size_term)  # [F, hw]
         self.cross_size = g.cross_size                             # [F, hw]
 
 
@@ -226,102 +280,131 @@ class STLayoutRuntime:
         return None
 
     # ------------------------------------------------------------ attention functions
-    def _batch(self, q, extra_options):
+    def batch_of(self, q, extra_options) -> BatchLayout | None:
+        """The call's batch layout: the one the pack published for this UNet call, else
+        (callers outside the pack's wrapper) one chunk of frames per cond_or_uncond entry.
+        None when the rows do not fit it (another wrapper reshaped the batch): not ours."""
+        layout = published(extra_options)
+        if layout is not None and layout.rows == q.shape[0]:
+            return layout
         cu = extra_options.get("cond_or_uncond")
-        if not cu or q.shape[0] % len(cu):
-            # not a sampler batch of chunks x frames (another wrapper changed it): not ours
-            if cu and not self._warned_batch:
-                self._warned_batch = True
-                log.warning("VideoGrain: an attention call got a batch of %d for %d cond/uncond parts (something "
-                            "else reshaped the batch): that call runs without full-frame attention or modulation",
-                            q.shape[0], len(cu))
-            return None
-        return list(cu), q.shape[0] // len(cu)
+        layout = BatchLayout.from_call(q.shape[0], cu)
+        if layout is None and cu and not self._warned_batch:
+            self._warned_batch = True
+            log.warning("VideoGrain: an attention call got a batch of %d for %d cond/uncond parts (something "
+                        "else reshaped the batch): that call runs without full-frame attention or modulation",
+                        q.shape[0], len(cu))
+        return layout
 
     def _modulation_weight(self, extra_options) -> float:
         if extra_options.get("videograin_disable_modulation"):
             return 0.0
         return self.step_weight(extra_options)
 
+    def _pipeline(self, kind: str, q, k, v, extra_options, kernel) -> torch.Tensor:
+        """One layer call: the stages' `before` (in order), the kernel, their `after`."""
+        stages = stages_of(extra_options)
+        call = AttentionCall(kind, q, k, v, extra_options, self.batch_of(q, extra_options))
+        for stage in stages:
+            stage.before(call)
+        out = kernel(call)
+        for stage in stages:
+            out = stage.after(call, out)
+        return out
+
     def make_attn1(self, previous: AttnFn | None) -> AttnFn:
         inner = previous or self.host_attention
         frames_inner = previous or self.frames_attention  # a chained replace stays the kernel
-        opts = self.options
 
         def attn1(q, k, v, extra_options):
-            batch = self._batch(q, extra_options)
-            if batch is None:
-                return inner(q, k, v, extra_options)
-            cu, frames = batch
-            n, lq, c = q.shape[0] // frames, q.shape[1], q.shape[2]
-            heads = extra_options["n_heads"]
-            grid = self.layer_modulated(extra_options) if opts.self_strength > 0 else None
-            weight = self._modulation_weight(extra_options) if grid is not None else 0.0
-            mod_chunks = [i for i, b in enumerate(cu) if b in SELF_BRANCHES[opts.self_branch]] if weight > 0 else []
-            if grid is not None and (grid[0] * grid[1] != lq or k.shape[1] != lq):
-                # token counts that are not the grid (another patch changed q or the context): leave it
-                mod_chunks = []
-
-            if opts.full_frame_attention and frames > 1:
-                # chunk-major batch: rows chunk*F .. chunk*F+F-1 are one chunk's frames
-                q2 = q.reshape(n, frames * lq, c)
-                k2 = k.reshape(n, frames * k.shape[1], k.shape[2])
-                v2 = v.reshape(n, frames * v.shape[1], v.shape[2])
-                plain = frames_inner
-            else:
-                q2, k2, v2 = q, k, v
-                plain = inner
-            if not mod_chunks:
-                # A chained replace gets the regrouped [chunks, F*hw, C] tensors: it stays the
-                # attention kernel, full-frame attention is this patch's own doing.
-                out = plain(q2, k2, v2, extra_options)
-                return out.reshape(q.shape[0], lq, -1)
-
-            terms = self.grid(grid[0], grid[1], frames, q.device)
-            if opts.full_frame_attention and frames > 1:
-                rows, rows_per_chunk = mod_chunks, 1  # a chunk's frames are one row
-                qr = kr = terms.clip_regions
-                cw = (opts.self_strength * weight) * terms.self_size_clip
-            else:
-                rows, rows_per_chunk = [i * frames + f for i in mod_chunks for f in range(frames)], frames
-                qr = kr = terms.frame_regions.repeat(len(mod_chunks), 1, 1)
-                cw = ((opts.self_strength * weight) * terms.self_size_frame).repeat(len(mod_chunks), 1)
-            self._note_bypass(previous)
-            out = self._split_run(q2, k2, v2, rows, plain, extra_options,
-                                  lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
-                                  rows_per_chunk=rows_per_chunk)
-            return out.reshape(q.shape[0], lq, -1)
-
+            return self._pipeline("self", q, k, v, extra_options,
+                                  lambda call: self.self_attention(call, inner, frames_inner, previous))
+        attn1.videograin_runtime = self
         return attn1
 
     def make_attn2(self, previous: AttnFn | None) -> AttnFn:
         inner = previous or self.host_attention
-        opts = self.options
 
         def attn2(q, k, v, extra_options):
-            if opts.cross_strength <= 0:
-                return inner(q, k, v, extra_options)
-            batch = self._batch(q, extra_options)
-            grid = self.layer_modulated(extra_options)
-            if batch is None or grid is None or grid[0] * grid[1] != q.shape[1]:
-                return inner(q, k, v, extra_options)
-            cu, frames = batch
-            weight = self._modulation_weight(extra_options)
-            cond_chunks = [i for i, b in enumerate(cu) if b == 0]  # the positive is the cond branch
-            if weight <= 0 or not cond_chunks:
-                return inner(q, k, v, extra_options)
-            heads = extra_options["n_heads"]
-            terms = self.grid(grid[0], grid[1], frames, q.device)
-            kr = self.text_regions(k.shape[1], q.device)
-            qr = terms.frame_regions.repeat(len(cond_chunks), 1, 1)
-            cw = ((opts.cross_strength * weight) * terms.cross_size).repeat(len(cond_chunks), 1)
-            rows = [i * frames + f for i in cond_chunks for f in range(frames)]
-            self._note_bypass(previous)
-            return self._split_run(q, k, v, rows, inner, extra_options,
-                                   lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
-                                   rows_per_chunk=frames)
-
+            return self._pipeline("cross", q, k, v, extra_options,
+                                  lambda call: self.cross_attention(call, inner, previous))
+        attn2.videograin_runtime = self
         return attn2
+
+    # ------------------------------------------------------------ the ST-Layout kernel stage
+    def self_attention(self, call: "AttentionCall", inner: AttnFn, frames_inner: AttnFn,
+                       previous: AttnFn | None) -> torch.Tensor:
+        """attn1: all frames of each sequence as one, modulated on the chosen branch."""
+        q, k, v, extra_options, batch = call.q, call.k, call.v, call.extra_options, call.batch
+        if batch is None:
+            return inner(q, k, v, extra_options)
+        opts = self.options
+        seqs, frames, groups = batch.sequences, batch.frames, batch.groups
+        lq, c = q.shape[1], q.shape[2]
+        heads = extra_options["n_heads"]
+        grid = self.layer_modulated(extra_options) if opts.self_strength > 0 else None
+        weight = self._modulation_weight(extra_options) if grid is not None else 0.0
+        mod_seqs = ([i * groups + g for i, b in enumerate(batch.branches) if b in SELF_BRANCHES[opts.self_branch]
+                     for g in range(groups)] if weight > 0 else [])
+        if grid is not None and (grid[0] * grid[1] != lq or k.shape[1] != lq):
+            # token counts that are not the grid (another patch changed q or the context): leave it
+            mod_seqs = []
+
+        all_frames = opts.full_frame_attention and frames > 1
+        if all_frames:
+            # sequence-major batch: rows s*F .. s*F+F-1 are one sequence's frames
+            q2 = q.reshape(seqs, frames * lq, c)
+            k2 = k.reshape(seqs, frames * k.shape[1], k.shape[2])
+            v2 = v.reshape(seqs, frames * v.shape[1], v.shape[2])
+            plain = frames_inner
+        else:
+            q2, k2, v2 = q, k, v
+            plain = inner
+        if not mod_seqs:
+            # A chained replace gets the regrouped [sequences, F*hw, C] tensors: it stays the
+            # attention kernel, full-frame attention is this patch's own doing.
+            out = plain(q2, k2, v2, extra_options)
+            return out.reshape(q.shape[0], lq, -1)
+
+        terms = self.grid(grid[0], grid[1], frames, q.device)
+        if all_frames:
+            rows, rows_per_chunk = mod_seqs, groups  # a sequence's frames are one row
+            qr = kr = terms.clip_regions
+            cw = (opts.self_strength * weight) * terms.self_size_clip
+        else:
+            rows, rows_per_chunk = [s * frames + f for s in mod_seqs for f in range(frames)], batch.rows_per_chunk
+            qr = kr = terms.frame_regions.repeat(len(mod_seqs), 1, 1)
+            cw = ((opts.self_strength * weight) * terms.self_size_frame).repeat(len(mod_seqs), 1)
+        self._note_bypass(previous)
+        out = self._split_run(q2, k2, v2, rows, plain, extra_options,
+                              lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
+                              rows_per_chunk=rows_per_chunk)
+        return out.reshape(q.shape[0], lq, -1)
+
+    def cross_attention(self, call: "AttentionCall", inner: AttnFn, previous: AttnFn | None) -> torch.Tensor:
+        """attn2: the positive (cond) chunks modulated toward each region's own words."""
+        q, k, v, extra_options, batch = call.q, call.k, call.v, call.extra_options, call.batch
+        opts = self.options
+        if opts.cross_strength <= 0:
+            return inner(q, k, v, extra_options)
+        grid = self.layer_modulated(extra_options)
+        if batch is None or grid is None or grid[0] * grid[1] != q.shape[1]:
+            return inner(q, k, v, extra_options)
+        weight = self._modulation_weight(extra_options)
+        cond_chunks = [i for i, b in enumerate(batch.branches) if b == 0]  # the positive is the cond branch
+        if weight <= 0 or not cond_chunks:
+            return inner(q, k, v, extra_options)
+        heads = extra_options["n_heads"]
+        frames, rpc = batch.frames, batch.rows_per_chunk
+        terms = self.grid(grid[0], grid[1], frames, q.device)
+        kr = self.text_regions(k.shape[1], q.device)
+        qr = terms.frame_regions.repeat(len(cond_chunks) * batch.groups, 1, 1)
+        cw = ((opts.cross_strength * weight) * terms.cross_size).repeat(len(cond_chunks) * batch.groups, 1)
+        rows = [i * rpc + f for i in cond_chunks for f in range(rpc)]
+        self._note_bypass(previous)
+        return self._split_run(q, k, v, rows, inner, extra_options,
+                               lambda qq, kk, vv: self.layout_attention(qq, kk, vv, heads, qr, kr, cw),
+                               rows_per_chunk=rpc)
 
     def _note_bypass(self, previous: AttnFn | None) -> None:
         # Modulated rows run this patch's own attention: a replace set before it (another
@@ -359,4 +442,4 @@ class STLayoutRuntime:
         return out
 
 
-__all__ = ["PatchOptions", "STLayoutRuntime", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
+__all__ = ["PatchOptions", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
