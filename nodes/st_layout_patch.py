@@ -12,10 +12,17 @@ import torch
 from comfy_api.latest import io
 
 from ..videograin_core.attention.st_layout import layout_attention
+from ..videograin_core.attention.batch_layout import BatchLayoutSlot, publish_call
+from ..videograin_core.attention.frame_norm import FramePooledGroupNorm
 from ..videograin_core.attention.runtime import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
 
 from .wire_types import LAYOUT
 WRAPPER_KEY = "videograin_st_layout"
+BATCH_LAYOUT_KEY = "videograin_batch_layout"
+
+# The GroupNorms the reference pools over frames: both of every ResBlock (in_layers.0,
+# out_layers.0) and the UNet's output norm (out.0); the transformer blocks' own norms stay per frame.
+_POOLED_NORM = re.compile(r"^((input_blocks|output_blocks)\.\d+\.0|middle_block\.\d+)\.(in_layers|out_layers)\.0$|^out\.0$")
 
 # input_blocks.N.<i>.transformer_blocks.K, middle_block.<i>.transformer_blocks.K, output_blocks.N...
 _BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?\d+\.transformer_blocks\.(\d+)$")
@@ -33,6 +40,44 @@ def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
         kind, number, index = m.group(1), m.group(2), int(m.group(3))
         out.append((_BLOCK_NAME[kind], int(number) if number is not None else 0, index))
     return out
+
+
+def pooled_norm_names(diffusion_model) -> list[str]:
+    """Names (under diffusion_model) of the GroupNorm modules the frame-pooled norm replaces."""
+    return [name for name, module in diffusion_model.named_modules()
+            if isinstance(module, torch.nn.GroupNorm) and _POOLED_NORM.match(name)]
+
+
+def add_batch_layout_publisher(patched, slot: BatchLayoutSlot) -> None:
+    """A DIFFUSION_MODEL wrapper that describes each UNet call's batch (chunks x frames)
+    once, for the attention runtime (transformer_options) and the pooled norms (the slot),
+    and clears the slot after the call so that nothing reading it acts outside it."""
+    import comfy.patcher_extension
+
+    def publish_batch_layout(executor, x, *args, **kwargs):
+        options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+        publish_call(slot, x.shape[0], options)
+        try:
+            return executor(x, *args, **kwargs)
+        finally:
+            slot.current = None
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_LAYOUT_KEY,
+                                 publish_batch_layout)
+
+
+def add_frame_pooled_norms(patched, slot: BatchLayoutSlot) -> int:
+    """Object patches on the forward of every pooled GroupNorm (never a module replacement,
+    so LoRA weight patches keep applying); each calls the forward it replaces."""
+    diffusion_model = patched.model.diffusion_model
+    names = pooled_norm_names(diffusion_model)
+    for name in names:
+        key = f"diffusion_model.{name}.forward"
+        current = patched.get_model_object(key)
+        if isinstance(current, FramePooledGroupNorm):  # already pooled by an earlier patch: once is enough
+            continue
+        patched.add_object_patch(key, FramePooledGroupNorm(current, slot))
+    return len(names)
 
 
 def _run(fn, q, k, v, extra_options):
@@ -144,6 +189,10 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
                                tooltip="self-attention size term: reference (/F*F*h*w) or paper (/F*h*w)"),
                 io.Boolean.Input("modulate_full_resolution", default=False,
                                  tooltip="also modulate the layers at the latent's own resolution"),
+                io.Boolean.Input("frame_pooled_group_norm", default=True, optional=True,
+                                 tooltip="ResNet and output GroupNorms take their statistics over all frames of "
+                                         "a branch, as the official (pseudo-3D) UNet does; off = per frame, as "
+                                         "an image UNet"),
             ],
             outputs=[io.Model.Output("patched_model", display_name="model")],
         )
@@ -151,7 +200,7 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, layout, full_frame_attention=True, self_strength=0.3, cross_strength=1.0,
                 end_percent=0.3, self_branch="uncond", size_term="reference",
-                modulate_full_resolution=False) -> io.NodeOutput:
+                modulate_full_resolution=False, frame_pooled_group_norm=True) -> io.NodeOutput:
         import comfy.model_sampling
         import comfy.patcher_extension
 
@@ -173,6 +222,10 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
                                   frames_attention=_frames_attention)
 
         patched = model.clone()
+        slot = BatchLayoutSlot()
+        add_batch_layout_publisher(patched, slot)
+        if frame_pooled_group_norm:
+            add_frame_pooled_norms(patched, slot)
         for key in blocks:
             patched.set_model_attn1_replace(runtime.make_attn1(_existing(model.model_options, "attn1", key)), *key)
             patched.set_model_attn2_replace(runtime.make_attn2(_existing(model.model_options, "attn2", key)), *key)
