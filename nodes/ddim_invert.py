@@ -32,7 +32,7 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             display_name="VideoGrain DDIM Invert",
             category="VideoGrain",
             description="Deterministic DDIM inversion of the source frames (the reference's schedule: timesteps "
-                        "981, 961, ..., 1 for 50 steps; no noise). "
+                        "1, 21, ..., 981 for 50 steps; no noise; the official VideoGrain scheme by default). "
                         "Full-frame attention applies if the model is patched, the layout modulation never. "
                         "Results are cached on disk.",
             inputs=[
@@ -49,6 +49,11 @@ class VideoGrainDDIMInvert(io.ComfyNode):
                                        "need a negative conditioning."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Only used when cfg != 1."),
                 io.Boolean.Input("use_cache", default=True, tooltip="Reuse an identical earlier inversion from disk."),
+                io.Combo.Input("scheme", options=list(ddim.INVERSION_SCHEMES), default="official", optional=True,
+                               tooltip="official: VideoGrain's (the UNet evaluated on the latent at its own "
+                                       "timestep, steps - 1 UNet calls, the clean latent taken as the latent at "
+                                       "t = 1); next-step: prompt-to-prompt / Video-P2P (each call at the next "
+                                       "timestep on the current latent, steps calls)"),
             ],
             outputs=[
                 io.Latent.Output(display_name="inverted_latent"),
@@ -58,7 +63,8 @@ class VideoGrainDDIMInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, steps, cfg, use_cache=True, latent=None, images=None, vae=None,
-                negative=None) -> io.NodeOutput:
+                negative=None, scheme="official") -> io.NodeOutput:
+        sampler_fn = ddim.inversion_sampler(scheme)
         if steps < 2:
             # 1 step is [sigma(t=1), 0]: the "inverted" latent is the
             # source with almost no noise, and sampling gives the source back unedited.
@@ -94,7 +100,8 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             source_key = ({"latent": samples} if samples is not None
                           else {"images": tensor_digest(images, sample=False), "vae": vae})
             key = make_key({**source_key, "model": m, "conditioning": conditioning, "steps": steps,
-                            "cfg": cfg, "negative": negative if guided else None, "sigmas": sigmas},
+                            "cfg": cfg, "negative": negative if guided else None, "sigmas": sigmas,
+                            "scheme": scheme},
                            hook=host_fingerprint)
             inv, status = cache.load(key)
             if inv is not None:
@@ -105,10 +112,10 @@ class VideoGrainDDIMInvert(io.ComfyNode):
             samples = encode_frames(vae, images)
 
         trajectory: list[torch.Tensor] = []
-        out = run_sampler(m, ddim.sample_ddim_inversion, {"trajectory": trajectory}, sigmas, conditioning,
+        out = run_sampler(m, sampler_fn, {"trajectory": trajectory}, sigmas, conditioning,
                           negative if guided else conditioning, cfg, samples)
         inv = ddim.Inversion(latent=out.detach().to("cpu", torch.float32), trajectory=torch.stack(trajectory),
-                             sigmas=sigmas.float(), steps=len(sigmas) - 1, source=samples)
+                             sigmas=sigmas.float(), steps=len(sigmas) - 1, source=samples, scheme=scheme)
         if use_cache:
             try:
                 cache.save(key, inv)

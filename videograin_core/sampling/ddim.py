@@ -1,13 +1,22 @@
 """Deterministic DDIM inversion and DDIM sampling with latent blending, as k-diffusion
 style sampler functions in the host's sigma space.
 
-In sigma space (x = x0 + sigma * eps, the model sees x / sqrt(1 + sigma^2)) DDIM with
-eta 0 is exactly the Euler step x' = x + (sigma' - sigma) * eps. Sampling evaluates eps
-at the current sigma; inversion walks the same schedule upwards and evaluates eps at the
-TARGET sigma with the latent of the current one, as the reference's `next_step` does
-(the model gets timestep t and the latent of t - 20). Both run through the host's
-sampler machinery (its `model(x, sigma)` returns the denoised x0), so ControlNet,
-cfg and attention patches apply as in any sampler.
+In sigma space (x = x0 + sigma * eps, the model sees x / sqrt(1 + sigma^2), which is the
+diffusers latent z = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps) DDIM with eta 0 is
+exactly the Euler step x' = x + (sigma' - sigma) * eps. Sampling evaluates eps at the
+current sigma. Inversion walks the same schedule upwards, in one of two schemes
+(METHOD.md section 5 step 3):
+
+- "official" (VideoGrain's, its pinned diffusers inverse DDIM scheduler): the clean latent
+  is taken as the diffusers latent at the lowest timestep (z_1 = x0), and each UNet call
+  evaluates eps on the latent AT its own level and moves it one step up: steps - 1 calls
+  for `steps` steps (t = 1, 21, ..., 961 for 50), ending at the top timestep (981).
+- "next-step" (prompt-to-prompt's null-text inversion, Video-P2P): each call evaluates eps
+  at the TARGET timestep on the latent of the current one, from the clean latent: `steps`
+  calls (t = 1, 21, ..., 981 for 50).
+
+Both run through the host's sampler machinery (its `model(x, sigma)` returns the denoised
+x0), so ControlNet, cfg and attention patches apply as in any sampler.
 """
 from __future__ import annotations
 
@@ -15,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Inversion", "sample_ddim_inversion", "sample_ddim_blend", "trajectory_reference",
+INVERSION_SCHEMES = ("official", "next-step")
+
+__all__ = ["Inversion", "INVERSION_SCHEMES", "inversion_sampler", "sample_ddim_inversion", "sample_ddim_inversion_official", "sample_ddim_blend", "trajectory_reference",
            "renoised_reference", "latent_mask"]
 
 
@@ -27,8 +38,11 @@ class Inversion:
     sigmas: torch.Tensor      # [steps + 1] ascending: 0, s_1, ..., s_max (the inversion's order)
     steps: int
     source: torch.Tensor      # the source latent, LATENT space
+    scheme: str = "official"  # the inversion scheme that made it (INVERSION_SCHEMES)
 
     def __post_init__(self):
+        if self.scheme not in INVERSION_SCHEMES:
+            raise ValueError(f"inversion scheme must be one of {', '.join(INVERSION_SCHEMES)}, got {self.scheme!r}")
         if self.trajectory.shape[0] != self.steps + 1 or self.sigmas.shape[0] != self.steps + 1:
             raise ValueError(f"inversion of {self.steps} steps needs {self.steps + 1} trajectory latents and sigmas, "
                              f"got {self.trajectory.shape[0]} and {self.sigmas.shape[0]}")
@@ -43,7 +57,7 @@ def _to_cpu(x):
 
 @torch.no_grad()
 def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None):
-    """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max).
+    """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max), the next-step scheme.
 
     x_{i+1} = x_i + (s_{i+1} - s_i) * eps(x_i, s_{i+1}). The model is handed x_i as the
     reference hands it to the UNet (normalised for its own level s_i: x_i / sqrt(1 + s_i^2))
@@ -65,6 +79,41 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
         if trajectory is not None:
             trajectory.append(_to_cpu(x))
     return x
+
+
+@torch.no_grad()
+def sample_ddim_inversion_official(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None):
+    """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max), the official scheme.
+
+    x_1 = x0 * sqrt(1 + s_1^2) (the clean latent as the diffusers latent at s_1), then
+    x_{i+1} = x_i + (s_{i+1} - s_i) * eps(x_i, s_i) for i = 1 .. steps - 1: each UNet call
+    at the latent's own level. `trajectory` (a list) receives x at every sigma, on the
+    CPU: x0 itself at sigma 0, then x_1 .. x_max. Callbacks report i = 1 .. steps - 1
+    (the move from 0 to s_1 costs no UNet call)."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    if trajectory is not None:
+        trajectory.append(_to_cpu(x))
+    x = x * (1 + sigmas[1] ** 2) ** 0.5
+    if trajectory is not None:
+        trajectory.append(_to_cpu(x))
+    for i in range(1, len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        eps = (x - denoised) / sigma
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        x = x + (sigma_next - sigma) * eps
+        if trajectory is not None:
+            trajectory.append(_to_cpu(x))
+    return x
+
+
+def inversion_sampler(scheme: str):
+    """The sampler function of an inversion scheme (see the module docstring)."""
+    if scheme not in INVERSION_SCHEMES:
+        raise ValueError(f"scheme: must be one of {', '.join(INVERSION_SCHEMES)}, got {scheme!r}")
+    return sample_ddim_inversion_official if scheme == "official" else sample_ddim_inversion
 
 
 @torch.no_grad()

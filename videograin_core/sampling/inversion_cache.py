@@ -22,7 +22,7 @@ import torch
 
 from .ddim import Inversion
 
-CACHE_VERSION = "videograin-inversion-2"
+CACHE_VERSION = "videograin-inversion-3"  # 3: the inversion scheme is stored
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _FULL_HASH_ELEMENTS = 1 << 22   # tensors up to this size are hashed whole, larger ones sampled
 _SAMPLE_ELEMENTS = 4096
@@ -205,7 +205,7 @@ class InversionCache:
             if meta.get("checksum") != _checksum(tensors):
                 raise ValueError("checksum mismatch")
             inv = Inversion(latent=tensors["latent"], trajectory=tensors["trajectory"], sigmas=tensors["sigmas"],
-                            steps=int(meta["steps"]), source=tensors["source"])
+                            steps=int(meta["steps"]), source=tensors["source"], scheme=meta["scheme"])
         except FileNotFoundError:
             return None, "miss"  # pruned meanwhile by another server sharing the folder
         except Exception as e:  # truncated or garbled files raise all sorts of errors
@@ -225,7 +225,7 @@ class InversionCache:
         path = self.path(key)
         os.makedirs(self.folder, exist_ok=True)
         tensors = {name: getattr(inv, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
-        meta = {"version": CACHE_VERSION, "key": key, "steps": str(inv.steps), "checksum": _checksum(tensors)}
+        meta = {"version": CACHE_VERSION, "key": key, "steps": str(inv.steps), "scheme": inv.scheme, "checksum": _checksum(tensors)}
         tmp = os.path.join(self.folder, f".{key}.{uuid.uuid4().hex}.partial")
         try:
             save_file(tensors, tmp, metadata=meta)
