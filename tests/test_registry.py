@@ -176,6 +176,7 @@ def object_info(comfy_server):
     return comfy_server.get("/api/object_info")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", UI_NAMES)
 def test_workflow_node_types_exist_in_the_host_and_the_pack(name, object_info):
     types = {n["type"] for n in _load(UI_WORKFLOWS, name)["nodes"]}
@@ -193,6 +194,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", UI_NAMES)
 def test_api_twin_is_the_same_graph(name, object_info):
     ui, api = _load(UI_WORKFLOWS, name), _load(API_WORKFLOWS, name)
