@@ -7,7 +7,10 @@ below, and serialises it (`app.graph.serialize()`).
 
 --check: do not write; fail if a UI workflow's nodes (all but their sizes, which depend on
 the fonts installed) differ from what the frontend makes of its API twin, or if a UI
-workflow has no API twin (used to keep the two in step).
+workflow has no API twin (used to keep the two in step). Run it on the host the files were
+made with (the 0.3.75 test host, frontend 1.32.9): newer frontends save some fields
+differently (1.35.9, in ComfyUI 0.8.0, names outputs by their display names), though they
+load these files as they are (the browser test checks that on whichever host it runs).
 example_workflows/ is the folder ComfyUI lists a custom node's templates from (only its
 top-level *.json), so the API twins in its api/ subfolder are not offered as templates.
 The host must have this pack installed and a checkpoint named as in the workflows (the
