@@ -68,7 +68,7 @@ def looped_sample_clip(input_dir: str, frames: int) -> None:
 
 
 def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) -> dict:
-    with open(os.path.join(REPO, "workflows", "api", "instance_level_edit.json")) as f:
+    with open(os.path.join(REPO, "example_workflows", "api", "instance_level_edit.json")) as f:
         prompt = json.load(f)
     for node in prompt.values():
         t, inp = node["class_type"], node["inputs"]

@@ -1,12 +1,18 @@
-"""Turn the API-format workflows (workflows/api/*.json) into UI-format workflows
-(workflows/*.json) with the real ComfyUI frontend, so the UI files are exactly what the
+"""Turn the API-format workflows (example_workflows/api/*.json) into UI-format workflows
+(example_workflows/*.json) with the real ComfyUI frontend, so the UI files are exactly what the
 frontend saves: it loads each API graph (`app.loadApiJson`), lays it out, adds the notes
 below, and serialises it (`app.graph.serialize()`).
 
     python scripts/build_workflows.py --comfyui PATH [--check]
 
---check: do not write; fail if a UI workflow differs from what the frontend makes of its
-API twin (used to keep the two in step).
+--check: do not write; fail if a UI workflow's nodes (all but their sizes, which depend on
+the fonts installed) differ from what the frontend makes of its API twin, or if a UI
+workflow has no API twin (used to keep the two in step). Run it on the host the files were
+made with (the 0.3.75 test host, frontend 1.32.9): newer frontends save some fields
+differently (1.35.9, in ComfyUI 0.8.0, names outputs by their display names), though they
+load these files as they are (the browser test checks that on whichever host it runs).
+example_workflows/ is the folder ComfyUI lists a custom node's templates from (only its
+top-level *.json), so the API twins in its api/ subfolder are not offered as templates.
 The host must have this pack installed and a checkpoint named as in the workflows (the
 test models are enough: `scripts/make_test_models.py`).
 """
@@ -21,6 +27,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+UI_DIR = os.path.join(REPO, "example_workflows")  # UI format: what ComfyUI offers as templates
+API_DIR = os.path.join(UI_DIR, "api")             # API format: headless runs, the tests, the demo
 sys.path.insert(0, HERE)
 import comfy_runner  # noqa: E402
 
@@ -125,11 +133,17 @@ def open_ui(pw, client):
     return browser, page
 
 
+def _comparable(graph: dict) -> list[dict]:
+    """The nodes without their sizes: the frontend sizes a node to its text as the browser's
+    fonts measure it, so widths differ between machines with different fonts installed."""
+    return [{k: v for k, v in n.items() if k != "size"} for n in graph["nodes"]]
+
+
 def build(comfy: str, check: bool = False) -> int:
     from playwright.sync_api import sync_playwright
-    api_files = sorted(glob.glob(os.path.join(REPO, "workflows", "api", "*.json")))
+    api_files = sorted(glob.glob(os.path.join(API_DIR, "*.json")))
     if not api_files:
-        print("no workflows/api/*.json", file=sys.stderr)
+        print(f"no {os.path.relpath(API_DIR, REPO)}/*.json", file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="vg-build-")
     client = comfy_runner.start_server(comfy, work, os.path.join(work, "server.log"),
@@ -144,11 +158,14 @@ def build(comfy: str, check: bool = False) -> int:
                 with open(path) as f:
                     api = json.load(f)
                 graph = json.loads(page.evaluate(BUILD_JS, [api, name, NOTES.get(name)]))
-                out = os.path.join(REPO, "workflows", name + ".json")
+                out = os.path.join(UI_DIR, name + ".json")
                 text = json.dumps(graph, indent=2) + "\n"
                 if check:
+                    if not os.path.isfile(out):
+                        stale.append(name + " (missing)")
+                        continue
                     with open(out) as f:
-                        if json.load(f)["nodes"] != graph["nodes"]:
+                        if _comparable(json.load(f)) != _comparable(graph):
                             stale.append(name)
                 else:
                     with open(out, "w") as f:
@@ -157,6 +174,10 @@ def build(comfy: str, check: bool = False) -> int:
             browser.close()
     finally:
         comfy_runner.stop_server(client)
+    if check:  # a UI workflow with no API twin would be offered as a template but never tested
+        twins = {os.path.basename(p) for p in api_files}
+        stale += [os.path.basename(p) + " (no API twin)" for p in sorted(glob.glob(os.path.join(UI_DIR, "*.json")))
+                  if os.path.basename(p) not in twins]
     if stale:
         print("stale UI workflows (rebuild with scripts/build_workflows.py):", ", ".join(stale), file=sys.stderr)
         return 1

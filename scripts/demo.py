@@ -56,7 +56,7 @@ def prepare_inputs(input_dir: str):
 
 
 def load_workflow(name: str) -> dict:
-    with open(os.path.join(REPO, "workflows", "api", name + ".json")) as f:
+    with open(os.path.join(REPO, "example_workflows", "api", name + ".json")) as f:
         return json.load(f)
 
 

@@ -15,6 +15,25 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 PACK_NAME = "ComfyUI-VideoGrain"
+# The example workflows: UI format where ComfyUI looks for a custom node's templates, their
+# API-format twins (headless runs, these tests, the demo) in a subfolder it does not list.
+UI_WORKFLOWS = os.path.join(REPO, "example_workflows")
+API_WORKFLOWS = os.path.join(UI_WORKFLOWS, "api")
+
+
+def workflow_names(folder: str) -> list[str]:
+    """The workflows (*.json, without the extension) directly in `folder`, sorted."""
+    return sorted(os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".json"))
+
+
+def pack_template_key(listing: dict) -> str:
+    """This pack's category in the host's template listing (GET /workflow_templates: custom
+    node folder name -> workflow names). The folder name depends on how the pack was installed
+    (git clone: ComfyUI-VideoGrain; the Registry: comfyui-videograin), so match it loosely and
+    require exactly one."""
+    keys = [k for k in listing if "videograin" in k.lower().replace("-", "").replace("_", "")]
+    assert len(keys) == 1, f"expected one VideoGrain template category, got {keys} in {sorted(listing)}"
+    return keys[0]
 
 
 @contextlib.contextmanager
