@@ -3,6 +3,8 @@ a known sub-pixel shift, the pair-at-a-time loop and its callback, and RAFT load
 user's state dict (a random-initialised model: loading, shapes and padding, not quality)."""
 import datetime
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,6 +87,16 @@ def test_on_pair_reports_progress_and_can_stop_the_loop():
     with pytest.raises(Stop):
         clip_flows(frames, estimator, backward=True, on_pair=stop_after_first)
     assert len(calls) == 2        # the first pair, both directions; nothing after
+
+
+def test_core_imports_without_opencv_torchvision_or_the_host():
+    """The modules import their optional dependencies lazily: a fresh interpreter that
+    imports all of them has loaded none of cv2, torchvision or ComfyUI."""
+    code = ("import sys; import videograin_core.trajectories.flow, videograin_core.trajectories.chains, "
+            "videograin_core.trajectories.attention, videograin_core.metrics.warp_error; "
+            "print(sorted(m for m in ('cv2', 'torchvision', 'comfy', 'folder_paths') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_one_frame_has_no_flows_and_bad_inputs_are_refused():

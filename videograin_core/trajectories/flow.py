@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +58,8 @@ def clip_flows(frames: torch.Tensor, estimator: PairFlow | None = None, *, backw
     One frame gives empty flows [0, H, W, 2].
     """
     _check_frames(frames)
-    estimator = estimator or dis_flow()
+    if estimator is None:
+        estimator = dis_flow()
     n, h, w = frames.shape[:3]
     pairs = n - 1
     fw = torch.empty(pairs, h, w, 2, dtype=torch.float32)
@@ -92,7 +94,6 @@ def gray_u8(frame: torch.Tensor):
     """numpy uint8 [H, W]: the frame's luma (OpenCV's RGB -> gray weights), rounded to 0..255.
     numpy/OpenCV rather than torch ops: one frame is too little work for torch's threads,
     which stall on a busy machine (45 ms against 1.5 ms at 512x512 on 2 loaded cores)."""
-    import numpy as np
     cv2 = _cv2()
     rgb = np.ascontiguousarray(frame.detach().to("cpu", torch.float32).numpy())
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
@@ -187,13 +188,15 @@ def raft_padding(h: int, w: int) -> tuple[int, int]:
 def raft_flow(model: torch.nn.Module | str, *, device: torch.device | str | None = None,
               iterations: int = 12) -> PairFlow:
     """A pair estimator running RAFT (`model`: a loaded RAFT or a weights path for
-    `load_raft`). Frames go in as [-1, 1] (RAFT's input scaling), padded at the bottom and
-    right by edge replication (padding moves no pixel, so the flow of the kept part is in
-    the same coordinates) and the result is cropped back. `iterations`: RAFT's recurrent
+    `load_raft`) on `device` (default: where the model is; a loaded model is moved there).
+    Frames go in as [-1, 1] (RAFT's input scaling), padded at the bottom and right by edge
+    replication (padding moves no pixel, so the flow of the kept part is in the same
+    coordinates) and the result is cropped back. `iterations`: RAFT's recurrent
     refinement steps (12 is its default)."""
     if isinstance(model, (str, os.PathLike)):
         model = load_raft(os.fspath(model), device or "cpu")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev)
 
     @torch.inference_mode()
     def estimate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
