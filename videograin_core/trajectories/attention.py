@@ -75,14 +75,13 @@ def trajectory_attention(q: torch.Tensor, k: torch.Tensor, o: torch.Tensor, head
     in_bytes, c_bytes = q.element_size(), torch.finfo(compute).bits // 8
 
     for length, index in traj.groups(q.device):
-        if length == 1:
-            rows = index[:, 0]
-            out.index_copy_(1, rows, o.index_select(1, rows))
-            continue
         per_chunk = chunk or chunk_rows(b, heads, d, length, in_bytes, c_bytes, memory_budget_bytes)
         for start in range(0, index.shape[0], per_chunk):
             tokens = index[start:start + per_chunk].reshape(-1)           # rows x L, time order per row
             rows = tokens.numel() // length
+            if length == 1:                                                # softmax of one key: o itself
+                out.index_copy_(1, tokens, o.index_select(1, tokens))
+                continue
 
             def gather(t: torch.Tensor) -> torch.Tensor:                   # -> [B*rows, heads, L, d]
                 g = t.index_select(1, tokens).to(compute)
