@@ -43,7 +43,7 @@ def env(comfy_host, test_models):
 def patch(env, model=None, **kw):
     args = dict(model=model or env["model"], layout=env["layout"], full_frame_attention=True, self_strength=0.3,
                 cross_strength=1.0, end_percent=0.3, self_branch="uncond", size_term="reference",
-                modulate_full_resolution=False)
+                modulate_full_resolution=False, frame_pooled_group_norm=False)
     args.update(kw)
     return _args(env["cls"]["VideoGrainSTLayoutPatch"].execute(**args))[0]
 
