@@ -16,6 +16,8 @@ _MODULES = (
     "local_prompt",         # VideoGrainLocalPrompt
     "layout_conditioning",  # global prompt + layout -> spliced positive CONDITIONING
     "st_layout_patch",      # VideoGrainSTLayoutPatch
+    "flow_trajectories",    # VideoGrainFlowTrajectories
+    "trajectory_attention", # VideoGrainTrajectoryAttention
     "ddim_invert",          # VideoGrainDDIMInvert
     "sample",               # VideoGrainSample
     "decode",               # VideoGrainDecode

@@ -4,3 +4,4 @@ from comfy_api.latest import io
 LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")          # videograin_core.prompts.layout.Layout
 TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")    # videograin_core.video.frame_transform.FrameTransform
 INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.sampling.ddim.Inversion
+TRAJECTORIES = io.Custom("VIDEOGRAIN_TRAJECTORIES")  # videograin_core.trajectories.stage.ClipTrajectories
