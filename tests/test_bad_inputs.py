@@ -235,6 +235,23 @@ def abs_video(p, env):
     p["load"]["inputs"]["video"] = os.path.join(env.client.input_dir, "bad_src.mp4")
 
 
+def trajectories(**loader):
+    """Trajectory attention on the patched model for inversion and sampling, its flow from a
+    loader with `loader` changes (another clip or size), or from the edit's own frames."""
+    def f(p, env):
+        src = "load"
+        if loader:
+            p["load3"] = copy.deepcopy(p["load"])
+            p["load3"]["inputs"].update(loader)
+            src = "load3"
+        p["traj"] = {"class_type": "VideoGrainFlowTrajectories", "inputs": {"images": [src, 0], "method": "DIS (OpenCV)"}}
+        p["tatt"] = {"class_type": "VideoGrainTrajectoryAttention", "inputs": {
+            "model": ["patch", 0], "trajectories": ["traj", 0], "resolutions": "full"}}
+        p["inv"]["inputs"]["model"] = ["tatt", 0]
+        p["sample"]["inputs"]["model"] = ["tatt", 0]
+    return f
+
+
 LONG = " ".join(["a"] * 80)  # 80 one-token words: the prompt needs a second 77-token window
 
 
@@ -352,6 +369,15 @@ CASES = [
      r"layout: the region masks have 2 frames but the video latent has 3 frames"),
     ("controlnet-hint-count", controlnet_hint(3), "inv",
      r"conditioning: the ControlNet hint has 3 images but the video has 2 frames"),
+    ("trajectories-other-clip", trajectories(frame_load_cap=3, select_every_nth=1), "inv",
+     r"trajectories: they were computed from 3 frames of 64x64 but the video latent is 2 frames of 64x64"),
+    ("trajectories-other-size", trajectories(size=128), "inv",
+     r"trajectories: they were computed from 2 frames of 128x128 but the video latent is 2 frames of 64x64"),
+    ("trajectories-raft-weights-missing", seq(trajectories(), put("traj", method="RAFT (torchvision)")), "traj",
+     r"raft_weights: RAFT needs its weights file .* in .*optical_flow"),
+    ("trajectories-model-not-patched", seq(trajectories(), put("tatt", model=["ckpt", 0])), "tatt",
+     r"model: trajectory attention runs inside VideoGrain's attention runtime"),
+    ("trajectories-legal", trajectories(), None, frames_and_size(2, (64, 64))),
 ]
 
 
