@@ -2,13 +2,20 @@
 SD1.5 checkpoint (UNet, CLIP-L and KL VAE of the real sizes) at a small fixed resolution.
 
     python bench/edit.py [--frames 8 16 32] [--size 64] [--steps 10] [--long 64]
+    python bench/edit.py --gpu --frames 16 --size 512 --variants c e   (a CUDA GPU: fp16 as the host picks)
 
 For every frame count, each variant runs in a fresh process (so peak RSS is its own) that
 imports the host in-process and executes the API workflow with the host's executor:
   (a) unpatched model: ordinary per-frame attention
   (b) full-frame attention, no modulation (ST-Layout Patch with both strengths 0)
-  (c) the full ST-Layout patch (defaults), inversion cache empty
+  (c) the workflow as shipped: the full ST-Layout patch and trajectory attention at full
+      resolution (defaults), inversion cache empty
   (d) a second edit of the same clip with NEW prompts (c's cache filled): inversion hits
+  (e) (c) without trajectory attention (the ST-Layout patch alone)
+The edits of (c) and (e) are saved as PNG frames with the source frames, and their
+Warp-Err (videograin_core.metrics.warp_error: the source's DIS flow, forward-backward
+occlusion check, mean absolute difference on [0, 1], x100 as the paper reports) is
+printed; with random weights it says nothing about quality, only that the numbers run.
 Timed: the pack's heavy nodes (DDIM Invert, Sample, Decode), wall clock, summed. Memory:
 the models are loaded first, then the RSS high-water mark (VmHWM) is reset to the settled
 RSS, so the peak read after the edit is the edit's own; reported as that peak and as its
@@ -31,7 +38,7 @@ from proc_memory import peak_rss_bytes, settle_and_reset_peak, status_kib  # ben
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-TIMED_NODES = ("VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
+TIMED_NODES = ("VideoGrainFlowTrajectories", "VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
 
 
 def looped_sample_clip(input_dir: str, frames: int) -> None:
@@ -85,20 +92,49 @@ def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) ->
             inp["global_prompt"] = "Batman and Superman walking along a snowy street"
         elif t == "VideoGrainLocalPrompt" and variant == "d":
             inp["local_prompt"] = {"Iron Man": "Batman", "Spider-Man": "Superman"}.get(inp["local_prompt"], inp["local_prompt"])
-    if variant == "a":
-        # unpatched: the invert and sample nodes take the checkpoint's model directly
+    ids = {node["class_type"]: k for k, node in prompt.items()}
+    if variant in ("a", "b", "e"):
+        # no trajectory attention: the invert and sample nodes take the model before it
+        # (the checkpoint's for (a))
+        model = ["1", 0] if variant == "a" else [ids["VideoGrainSTLayoutPatch"], 0]
         for node in prompt.values():
             if node["class_type"] in ("VideoGrainDDIMInvert", "VideoGrainSample"):
-                node["inputs"]["model"] = ["1", 0]
-        prompt = {k: v for k, v in prompt.items() if v["class_type"] != "VideoGrainSTLayoutPatch"}
+                node["inputs"]["model"] = model
+        drop = {"VideoGrainTrajectoryAttention", "VideoGrainFlowTrajectories"}
+        if variant == "a":
+            drop.add("VideoGrainSTLayoutPatch")
+        prompt = {k: v for k, v in prompt.items() if v["class_type"] not in drop}
+    if variant in ("c", "e"):
+        prompt["bench_edit"] = {"class_type": "SaveImage", "inputs": {
+            "images": [ids["VideoGrainDecode"], 0], "filename_prefix": f"bench_{variant}/edit"}}
+        prompt["bench_source"] = {"class_type": "SaveImage", "inputs": {
+            "images": [ids["VideoGrainVideoLoader"], 0], "filename_prefix": f"bench_{variant}/source"}}
     return prompt
+
+
+def warp_err_x100(output_dir: str, variant: str) -> float:
+    """Warp-Err (x100) of a saved edit against its saved source frames' DIS flow."""
+    import glob
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    sys.path.insert(0, REPO)
+    from videograin_core.metrics.warp_error import warp_error
+    from videograin_core.trajectories.flow import clip_flows
+    read = lambda kind: torch.from_numpy(np.stack([
+        np.asarray(Image.open(f).convert("RGB"), np.float32) / 255.0
+        for f in sorted(glob.glob(os.path.join(output_dir, f"bench_{variant}", f"{kind}_*.png")))]))
+    source, edit = read("source"), read("edit")
+    flows = clip_flows(source, backward=True)
+    return 100.0 * warp_error(edit, flows.forward, flows.backward)
 
 
 def child(a) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     sys.path.insert(0, a.comfyui)
     from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = True
+    comfy_args.cpu = not a.gpu
     import asyncio
     import uuid
     import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)
@@ -144,9 +180,14 @@ def child(a) -> None:
     ex.execute(warm, str(uuid.uuid4()), {}, ["w"])  # not an output node: asked for by id
     import gc
     gc.collect()
-    if settle_and_reset_peak() is None:
+    if settle_and_reset_peak() is None and not a.gpu:
         raise SystemExit("cannot reset the RSS high-water mark (needs Linux /proc/self/clear_refs): the edit's "
                          "peak would be hidden under the checkpoint loader's")
+    if a.gpu:
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated()
     base_rss = status_kib("VmRSS")
     valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     if not valid[0]:
@@ -157,14 +198,20 @@ def child(a) -> None:
     if not ex.success:
         raise SystemExit(f"execution failed: {json.dumps(ex.status_messages)[-3000:]}")
     hwm = peak_rss_bytes() // 1024
+    gpu = {}
+    if a.gpu:
+        gpu = {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20, "base_gpu_mib": gpu_base / 2**20,
+               "device": torch.cuda.get_device_name()}
+    warp = warp_err_x100(os.path.join(a.workdir, "output"), a.variant) if a.variant in ("c", "e") else None
     print("RESULT " + json.dumps({"variant": a.variant, "frames": a.frames, "timed_s": sum(timings.values()),
                                   "nodes_s": timings, "wall_s": wall, "peak_rss_mib": hwm / 1024,
-                                  "base_rss_mib": base_rss / 1024}), flush=True)
+                                  "base_rss_mib": base_rss / 1024, "warp_err_x100": warp, **gpu}), flush=True)
 
 
 def measure(a, variant: str, frames: int, workdir: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--frames", str(frames), "--size", str(a.size),
-           "--steps", str(a.steps), "--comfyui", a.comfyui, "--workdir", workdir, "--ckpt", a.ckpt]
+           "--steps", str(a.steps), "--comfyui", a.comfyui, "--workdir", workdir, "--ckpt", a.ckpt] + (
+        ["--gpu"] if a.gpu else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -180,6 +227,8 @@ def main():
     ap.add_argument("--long", type=int, default=0, help="also run (c) at this many frames")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
     ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
+    ap.add_argument("--gpu", action="store_true", help="run on the CUDA GPU (the host's default precision: fp16)")
+    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcde"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -202,22 +251,31 @@ def main():
     res = {}
     for f in a.frames:
         with tempfile.TemporaryDirectory(prefix="vg-bench-") as wd:
-            for v in ("a", "b", "c", "d"):
+            for v in [v for v in "abcde" if v in a.variants]:
                 # each variant its own folders (b's inversion would be a hit for c), except
                 # d, which shares c's: d is the second edit and hits c's cache
                 r = measure(a, v, f, os.path.join(wd, "c" if v == "d" else v))
+                if r.get("warp_err_x100") is not None:
+                    print(f"  F={f:3d} ({v}) Warp-Err x100 {r['warp_err_x100']:.3f}", flush=True)
                 res[(v, f)] = r
+                if a.gpu:
+                    print(f"  F={f:3d} ({v}) {r['timed_s']:8.2f} s  peak GPU {r['peak_gpu_mib']:8.0f} MiB "
+                          f"(+{r['peak_gpu_mib'] - r['base_gpu_mib']:.0f} over models) on {r['device']}", flush=True)
                 print(f"  F={f:3d} ({v}) {r['timed_s']:8.2f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB  "
                       f"(+{r['peak_rss_mib'] - r['base_rss_mib']:.0f} over models)  {json.dumps({k: round(x, 2) for k, x in r['nodes_s'].items()})}",
                       flush=True)
     print()
-    print("| frames | (a) per-frame | (b) full-frame | (c) ST-Layout | (d) cached inversion | (c)/(b) time | (d)/(c) time | (c) peak RSS | (c) RSS over models |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if set(a.variants) != set("abcde"):
+        return  # the tables compare all five
+    print("| frames | (a) per-frame | (b) full-frame | (c) as shipped | (d) cached inversion | (e) no trajectories | (c)/(e) time | (d)/(c) time | (c) peak RSS | (c) RSS over models | (e) RSS over models | Warp-Err x100 (c) / (e) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for f in a.frames:
-        t = {v: res[(v, f)]["timed_s"] for v in "abcd"}
-        c = res[("c", f)]
-        print(f"| {f} | {t['a']:.1f} s | {t['b']:.1f} s | {t['c']:.1f} s | {t['d']:.1f} s | {t['c'] / t['b']:.2f} | "
-              f"{t['d'] / t['c']:.2f} | {c['peak_rss_mib']:.0f} MiB | {c['peak_rss_mib'] - c['base_rss_mib']:.0f} MiB |")
+        t = {v: res[(v, f)]["timed_s"] for v in "abcde"}
+        c, e = res[("c", f)], res[("e", f)]
+        print(f"| {f} | {t['a']:.1f} s | {t['b']:.1f} s | {t['c']:.1f} s | {t['d']:.1f} s | {t['e']:.1f} s | "
+              f"{t['c'] / t['e']:.2f} | {t['d'] / t['c']:.2f} | {c['peak_rss_mib']:.0f} MiB | "
+              f"{c['peak_rss_mib'] - c['base_rss_mib']:.0f} MiB | {e['peak_rss_mib'] - e['base_rss_mib']:.0f} MiB | "
+              f"{c['warp_err_x100']:.3f} / {e['warp_err_x100']:.3f} |")
     fs = sorted(a.frames)
     over = {f: res[("c", f)]["peak_rss_mib"] - res[("c", f)]["base_rss_mib"] for f in fs}
     f0, f1 = fs[0], fs[-1]
