@@ -4,3 +4,4 @@ from comfy_api.latest import io
 LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")          # videograin_core.prompts.layout.Layout
 TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")    # videograin_core.video.frame_transform.FrameTransform
 INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.sampling.ddim.Inversion
+P2P = io.Custom("VIDEOGRAIN_P2P")                # videograin_core.p2p.control.P2PControl
