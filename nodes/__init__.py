@@ -22,6 +22,7 @@ _MODULES = (
     "sample",               # VideoGrainSample
     "decode",               # VideoGrainDecode
     "save_video",           # VideoGrainSaveVideo
+    "p2p_control",          # VideoGrainP2PControl (Video-P2P prompt pair -> conditionings + control)
 )
 
 NODE_CLASSES: list[type[io.ComfyNode]] = []

@@ -5,3 +5,4 @@ LAYOUT = io.Custom("VIDEOGRAIN_LAYOUT")          # videograin_core.prompts.layou
 TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")    # videograin_core.video.frame_transform.FrameTransform
 INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.sampling.ddim.Inversion
 TRAJECTORIES = io.Custom("VIDEOGRAIN_TRAJECTORIES")  # videograin_core.trajectories.stage.ClipTrajectories
+P2P = io.Custom("VIDEOGRAIN_P2P")                # videograin_core.p2p.control.P2PControl

@@ -5,7 +5,9 @@
 - `prompts`    local prompts inside the global prompt (token spans) and the Layout wire type;
 - `attention`  the attention kernels (modulated, all-frames, CPU C kernel), the region terms
                per token grid, and the per-layer attention runtime the nodes register;
-- `sampling`   DDIM inversion and sampling in the host's sigma space, and the inversion cache.
+- `sampling`   DDIM inversion and sampling in the host's sigma space, and the inversion cache;
+- `p2p`        Video-P2P: token alignment of a prompt pair, the attention-control arithmetic,
+               the control object and its attention-runtime stage.
 
 Import the submodules directly (e.g. `from videograin_core.attention.st_layout import
 layout_attention`); nothing heavy loads here."""

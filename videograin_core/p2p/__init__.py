@@ -1,0 +1,17 @@
+"""Video-P2P (VIDEO_P2P.md): prompt-to-prompt editing of a video by controlling the target
+branch's attention with the source branch's. Host-free: plain torch, never imports ComfyUI.
+
+This subpackage owns
+- `tokens`   the prompts' tokens and words, the word-swap (replacement) and refinement
+             (Needleman-Wunsch) mappers, word -> token lookup, every refusal of section 7;
+- `maps`     the control arithmetic on probability maps: swap, refine, reweight, self
+             replacement, the step windows, the local-blend mask and blend;
+- `control`  `P2PControl`, the frozen object on VIDEOGRAIN_P2P wires, and `build_control`;
+- `stage`    `P2PCrossStage`, the attn2 stage of the attention runtime for a stacked
+             [source F; target F] batch.
+
+Still to come (a later phase): the P2P Sample node (the stacked two-branch guider with
+decoupled guidance, the source modes null-text / fast / direct), the self/temporal
+replacement stage, capturing the 16x16 maps and applying the local blend between steps,
+null-text inversion, and T2S tuning (frame attention, temporal attention).
+"""
