@@ -12,7 +12,9 @@ A layer call is a small pipeline:
 1. the batch layout: chunks x sequences x frames, as the pack published it for this UNet
    call (attention.batch_layout), never guessed from rows // chunks when published;
 2. the `before` of each stage in `extra_options[STAGES_KEY]` (in order): a stage may
-   replace the call's q, k or v (feature injection, prompt-to-prompt control);
+   replace the call's q, k or v (feature injection); then the stages' `around`, nested
+   around the kernel, where a stage may compute rows itself (frame-attention variants,
+   prompt-to-prompt control) and leave the others to the rest of the chain;
 3. the kernel the step needs (the ST-Layout stage below): each sequence's frames regrouped
    into one sequence for full-frame attention, the modulated attention on modulated
    layers and steps, else the host's (or a chained foreign replace's) attention;
@@ -36,6 +38,7 @@ per sigma) is computed once and cached.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -72,12 +75,22 @@ class AttentionCall:
 
 
 class Stage:
-    """A part of the attention runtime added by a node (see the module docstring). Both
-    hooks default to doing nothing. Stage objects are shared by clones of the model's
-    options (`__deepcopy__` returns self) and must hold no per-call state."""
+    """A part of the attention runtime added by a node (see the module docstring). Every
+    hook defaults to doing nothing. Stage objects are shared by clones of the model's
+    options (`__deepcopy__` returns self) and must hold no per-call state.
+
+    - `before(call)`: may replace call.q / call.k / call.v before the kernel runs;
+    - `around(call, next)`: computes the call's output; `next(call)` runs the rest of the
+      chain (later stages' `around`, then the kernel). A stage that computes some rows
+      itself (a frame-attention variant, prompt-to-prompt control) runs `next` on a call
+      narrowed to the other rows, or on none, so no row is computed twice;
+    - `after(call, out)`: may replace the output (before the layer's to_out)."""
 
     def before(self, call: AttentionCall) -> None:
         return None
+
+    def around(self, call: AttentionCall, next: Callable[[AttentionCall], torch.Tensor]) -> torch.Tensor:
+        return next(call)
 
     def after(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         return out
@@ -302,12 +315,16 @@ class STLayoutRuntime:
         return self.step_weight(extra_options)
 
     def _pipeline(self, kind: str, q, k, v, extra_options, kernel) -> torch.Tensor:
-        """One layer call: the stages' `before` (in order), the kernel, their `after`."""
+        """One layer call: the stages' `before` (in order), their `around` nested around the
+        kernel (the first stage outermost), then their `after` (in order)."""
         stages = stages_of(extra_options)
         call = AttentionCall(kind, q, k, v, extra_options, self.batch_of(q, extra_options))
         for stage in stages:
             stage.before(call)
-        out = kernel(call)
+        run = kernel
+        for stage in reversed(stages):
+            run = functools.partial(stage.around, next=run)
+        out = run(call)
         for stage in stages:
             out = stage.after(call, out)
         return out
