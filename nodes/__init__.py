@@ -23,6 +23,7 @@ _MODULES = (
     "decode",               # VideoGrainDecode
     "save_video",           # VideoGrainSaveVideo
     "p2p_control",          # VideoGrainP2PControl (Video-P2P prompt pair -> conditionings + control)
+    "metrics",              # VideoGrainMetrics: CLIP-T, CLIP-F, Warp-Err, Q-edit
 )
 
 NODE_CLASSES: list[type[io.ComfyNode]] = []
