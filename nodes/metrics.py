@@ -71,10 +71,11 @@ class VideoGrainMetrics(io.ComfyNode):
             node_id="VideoGrainMetrics",
             display_name="VideoGrain Metrics",
             category="VideoGrain",
-            description="Scores an edited clip as the paper does (all x100): CLIP-T (prompt-frame CLIP similarity), "
+            description="Scores an edited clip as the paper does (x100, its scale): CLIP-T (prompt-frame CLIP similarity), "
                         "CLIP-F (consecutive-frame similarity), Warp-Err (edited frames warped with the SOURCE "
                         "clip's optical flow, DIS, occlusions left out by a forward-backward check; mean absolute "
-                        "difference on 0..1) and Q-edit = CLIP-T / Warp-Err. The usual numbers use CLIP ViT-L/14.",
+                        "difference on 0..1) and Q-edit = CLIP-T / Warp-Err (a ratio). The usual numbers use CLIP "
+                        "ViT-L/14.",
             inputs=[
                 io.Image.Input("edited", tooltip="the edited frames (Decode's images)"),
                 io.Image.Input("source", tooltip="the source frames the edit was made from (the Video Loader's "
