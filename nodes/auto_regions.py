@@ -49,6 +49,8 @@ class VideoGrainAutoRegions(io.ComfyNode):
         take = captured_take(capture, latent)
         check_frames(images, take)
         feats = take.self_features()                                   # [F, h, w, D]
+        # names when words were captured (a capture whose words could not be recorded is an error)
+        maps = take.cross_maps() if take.cross or take.problems else None
         fr, h, w, _ = feats.shape
         H, W = images.shape[1:3]
         if abs(h * W - w * H) > max(h, w) * max(H, W) * 0.1:
@@ -56,7 +58,7 @@ class VideoGrainAutoRegions(io.ComfyNode):
                              f"frames of the captured run")
         labels = torch.from_numpy(kmeans(feats.reshape(-1, feats.shape[-1]), regions, seed=seed)).reshape(fr, h, w)
         masks = cluster_masks(labels, regions, (H, W))                 # bool [K, F, H, W]
-        named = name_clusters(labels, take.cross_maps(), float(name_threshold)) if take.cross else []
+        named = name_clusters(labels, maps, float(name_threshold)) if maps else []
         tags = [f"{i + 1}: {named[i][0]}" if named and named[i][0] else f"{i + 1}" for i in range(regions)]
         lines = [f"mask_{i + 1}: " + (f"{named[i][0] or '-'} ({named[i][1]:.2f})" if named else "-")
                  for i in range(regions)]

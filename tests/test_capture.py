@@ -238,3 +238,11 @@ def test_a_stacked_batch_records_its_last_sequence():
     for got, rows in ((last, slice(FRAMES, 2 * FRAMES)), (first, slice(0, FRAMES))):
         want = explicit_maps(c.q[rows], c.k[rows], HEADS, [(6,)])[..., 0]
         assert torch.allclose(got.reshape(FRAMES, -1).double(), want, atol=1e-6)
+
+
+def test_a_cross_attention_problem_does_not_hide_the_self_features():
+    rec = AttentionRecorder(spec())
+    take = run_take(rec, [call("cross", 1, lk=100, seed=60), call("self", 1, seed=61)], torch.ones(9))
+    assert take.self_features().shape == (FRAMES, 4, 4, HEADS * D)
+    with pytest.raises(ValueError, match="^capture: the sampler's conditioning has 100 text tokens"):
+        take.cross_maps()

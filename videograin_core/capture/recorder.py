@@ -132,7 +132,7 @@ class Take:
     frames: int | None = None
     cross: dict = field(default_factory=dict)      # level -> _Sum [F, h*w, W]
     features: dict = field(default_factory=dict)   # (block, number, index) -> _Sum [F, h*w, C]
-    problems: list = field(default_factory=list)
+    problems: list = field(default_factory=list)   # why cross-attention calls were skipped
     output_digest: str | None = None
     word_names: tuple[str, ...] = ()
     self_level: int | None = None
@@ -140,8 +140,8 @@ class Take:
     def nbytes(self) -> int:
         return sum(s.total.numel() * s.total.element_size() for d in (self.cross, self.features) for s in d.values())
 
-    def _check(self) -> None:
-        if self.problems:
+    def _check(self, cross: bool) -> None:
+        if cross and self.problems:
             raise ValueError(self.problems[0])
         if self.frames is None:
             raise ValueError("capture: the run recorded no attention call (the model's attention did not run "
@@ -150,7 +150,7 @@ class Take:
     def cross_maps(self) -> dict[str, torch.Tensor]:
         """name -> float32 [F, h, w] at the finest captured grid: the mean over every
         captured layer call (coarser grids upsampled bilinearly to it first)."""
-        self._check()
+        self._check(cross=True)
         if not self.cross:
             raise ValueError("capture: no cross-attention maps were captured (the capture node has no words or "
                              "layout, its cross_grid is off, or the UNet has no cross-attention at that grid)")
@@ -171,7 +171,7 @@ class Take:
         """float32 [F, h, w, D]: per captured layer the step-averaged output, each token's
         vector scaled to unit length (so every layer weighs the same), concatenated over the
         layers in UNet order."""
-        self._check()
+        self._check(cross=False)
         if not self.features:
             raise ValueError("capture: no self-attention features were captured (the capture node's self_grid is "
                              "off, or the UNet's decoder has no self-attention at that grid)")
