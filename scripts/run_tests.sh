@@ -40,7 +40,7 @@ for host in $HOSTS; do
         env_line="$(scripts/setup_host.sh "$host")"; rc=$?
     fi
     if [[ $rc -eq 4 ]]; then
-        summary+=("$label: SKIPPED (its source cannot be had here: see the setup_host line above)")
+        summary+=("$label: SKIPPED (its source is unavailable here: see the [setup_host $host] line above)")
         continue
     elif [[ $rc -ne 0 ]]; then
         say "$label: host setup failed (exit $rc)"
