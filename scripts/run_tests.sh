@@ -54,8 +54,10 @@ for host in $HOSTS; do
         failed=1
         continue
     fi
-    "$HOST_PYTHON" -c 'import comfyui_version, sys; print("[make test] host version:", comfyui_version.__version__, "| python", sys.version.split()[0])' \
-        2>/dev/null || true
+    # What this leg runs on, as the host's tree and Python say it (information only).
+    (cd "$COMFYUI_PATH" && "$HOST_PYTHON" -c 'import comfyui_version, sys, torch
+print("[make test] ComfyUI", comfyui_version.__version__, "| Python", sys.version.split()[0], "| torch", torch.__version__)') \
+        || say "(the host's comfyui_version.py could not be read)"
     COMFYUI_PATH="$COMFYUI_PATH" "$HOST_PYTHON" -m pytest tests "$@"
     rc=$?
     ran=$((ran + 1))
