@@ -38,6 +38,8 @@ from proc_memory import peak_rss_bytes, settle_and_reset_peak, status_kib  # ben
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.append(os.path.join(REPO, "scripts"))
+import comfy_runner  # noqa: E402
 TIMED_NODES = ("VideoGrainFlowTrajectories", "VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
 
 
@@ -175,7 +177,7 @@ def child(a) -> None:
     # of its own (about 2 GiB above the loaded models for the full-size checkpoint), so
     # the mark is reset to the settled RSS first: the peak read after the edit is the
     # edit's, not the loader's.
-    ex = execution.PromptExecutor(_Srv(), cache_args={"lru": 0, "ram": 0})
+    ex = comfy_runner.in_process_executor(execution, _Srv())
     warm = {"1": prompt["1"], "w": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}}}
     ex.execute(warm, str(uuid.uuid4()), {}, ["w"])  # not an output node: asked for by id
     import gc
@@ -225,7 +227,7 @@ def main():
     ap.add_argument("--size", type=int, default=64, help="short side in pixels")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--long", type=int, default=0, help="also run (c) at this many frames")
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
     ap.add_argument("--gpu", action="store_true", help="run on the CUDA GPU (the host's default precision: fp16)")
     ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcde"))
@@ -239,7 +241,6 @@ def main():
         return child(a)
 
     sys.path.insert(0, a.comfyui)
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
     from comfy.cli_args import args as comfy_args
     comfy_args.cpu = True
     import make_test_models

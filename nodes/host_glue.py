@@ -63,9 +63,9 @@ def step_callback(model, steps: int):
     """Progress bar + preview, and a stop at every step when the user interrupts."""
     preview = latent_preview.prepare_callback(model, steps)
 
-    def callback(step, x0, x, total_steps):
+    def callback(step, x0, x, total_steps, *args, **kwargs):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        preview(step, x0, x, total_steps)
+        preview(step, x0, x, total_steps, *args, **kwargs)
     return callback
 
 

@@ -80,16 +80,17 @@ def add_frame_pooled_norms(patched, slot: BatchLayoutSlot) -> int:
     return len(names)
 
 
-def _run(fn, q, k, v, extra_options):
-    """A host attention function called as the host's transformer blocks call it."""
-    return fn(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-              transformer_options=extra_options)
+def _run(fn, q, k, v, extra_options, *args, **kwargs):
+    """A host attention function called as the host's transformer blocks call it; arguments
+    a host passes an attention replace beyond (q, k, v, extra_options) go on to it."""
+    kwargs = {"attn_precision": extra_options.get("attn_precision"), "transformer_options": extra_options, **kwargs}
+    return fn(q, k, v, extra_options["n_heads"], *args, **kwargs)
 
 
-def _host_attention(q, k, v, extra_options):
+def _host_attention(q, k, v, extra_options, *args, **kwargs):
     # Resolved at call time: the host picks its attention implementation at start-up.
     import comfy.ldm.modules.attention as attention
-    return _run(attention.optimized_attention, q, k, v, extra_options)
+    return _run(attention.optimized_attention, q, k, v, extra_options, *args, **kwargs)
 
 
 FRAMES_ATTENTION_ENV = "VIDEOGRAIN_FULL_FRAME_ATTENTION"
@@ -135,8 +136,8 @@ def frames_attention_kernel(device: torch.device):
     return chosen
 
 
-def _frames_attention(q, k, v, extra_options):
-    return _run(frames_attention_kernel(q.device), q, k, v, extra_options)
+def _frames_attention(q, k, v, extra_options, *args, **kwargs):
+    return _run(frames_attention_kernel(q.device), q, k, v, extra_options, *args, **kwargs)
 
 
 def _existing(model_options: dict, which: str, key: tuple):

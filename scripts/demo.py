@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=0, help="short side in pixels (default 512; 128 with the test model)")
     ap.add_argument("--steps", type=int, default=0, help="DDIM steps (default 50; 10 with the test model)")
     ap.add_argument("--output", default=os.path.join(REPO, "output"))
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--python", default=os.environ.get("HOST_PYTHON", sys.executable))
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                     help="run ComfyUI on the CPU (default: only when no CUDA device is present)")

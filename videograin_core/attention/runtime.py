@@ -137,6 +137,13 @@ class PatchOptions:
         see STLayoutRuntime.videograin_fingerprint."""
         return {"full_frame_attention": bool(self.full_frame_attention)}
 
+def _passing_on(fn: AttnFn, args: tuple, kwargs: dict) -> AttnFn:
+    """fn, handed the arguments a host passed beyond (q, k, v, extra_options) on every call."""
+    if not args and not kwargs:
+        return fn
+    return lambda q, k, v, extra_options: fn(q, k, v, extra_options, *args, **kwargs)
+
+
 def grid_level(activations_shape, original_shape) -> int | None:
     """How many times the token grid was halved from the latent (0 = full resolution)."""
     if not activations_shape or not original_shape or len(activations_shape) < 4 or len(original_shape) < 4:
@@ -330,19 +337,22 @@ class STLayoutRuntime:
         return out
 
     def make_attn1(self, previous: AttnFn | None) -> AttnFn:
-        inner = previous or self.host_attention
-        frames_inner = previous or self.frames_attention  # a chained replace stays the kernel
+        host_inner = previous or self.host_attention
+        host_frames_inner = previous or self.frames_attention  # a chained replace stays the kernel
 
-        def attn1(q, k, v, extra_options):
+        def attn1(q, k, v, extra_options, *args, **kwargs):
+            # arguments a host passes beyond (q, k, v, extra_options) go on to the kernels
+            inner, frames_inner = _passing_on(host_inner, args, kwargs), _passing_on(host_frames_inner, args, kwargs)
             return self._pipeline("self", q, k, v, extra_options,
                                   lambda call: self.self_attention(call, inner, frames_inner, previous))
         attn1.videograin_runtime = self
         return attn1
 
     def make_attn2(self, previous: AttnFn | None) -> AttnFn:
-        inner = previous or self.host_attention
+        host_inner = previous or self.host_attention
 
-        def attn2(q, k, v, extra_options):
+        def attn2(q, k, v, extra_options, *args, **kwargs):
+            inner = _passing_on(host_inner, args, kwargs)
             return self._pipeline("cross", q, k, v, extra_options,
                                   lambda call: self.cross_attention(call, inner, previous))
         attn2.videograin_runtime = self
