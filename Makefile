@@ -22,6 +22,7 @@ demo:
 bench:
 	@eval "$$(scripts/setup_host.sh $(HOST_VERSION))" && $$HOST_PYTHON bench/attention.py && \
 	  $$HOST_PYTHON bench/cross_attention.py && \
+	  $$HOST_PYTHON bench/trajectory_attention.py && \
 	  $$HOST_PYTHON bench/gpu_memory.py --frames 16 30 64 && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/edit.py $(BENCH_EDIT_ARGS)
 
