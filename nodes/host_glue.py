@@ -80,6 +80,17 @@ def run_sampler(model, sampler_fn, extra_options, sigmas, positive, negative, cf
                                       disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
 
 
+def run_guider(guider, sampler_fn, extra_options, sigmas, latent, seed=0):
+    """Run a k-diffusion style sampler function through a guider (as SamplerCustomAdvanced
+    does) with zero noise, with run_sampler's progress bar, preview and interruption."""
+    sampler = comfy.samplers.KSAMPLER(sampler_fn, extra_options=extra_options)
+    noise = torch.zeros(latent.shape, dtype=torch.float32, device="cpu")
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    out = guider.sample(noise, latent, sampler, sigmas, callback=step_callback(guider.model_patcher, len(sigmas) - 1),
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return out.to(comfy.model_management.intermediate_device())
+
+
 def host_fingerprint(obj):
     """Descriptions of host objects for the cache key (see inversion_cache.fingerprint)."""
     import comfy.controlnet

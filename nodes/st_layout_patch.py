@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..videograin_core.attention.st_layout import layout_attention
-from ..videograin_core.attention.batch_layout import BatchLayoutSlot, publish_call
+from ..videograin_core.attention.batch_layout import GROUPS_KEY, BatchLayoutSlot, publish_call
 from ..videograin_core.attention.frame_norm import FramePooledGroupNorm
 from ..videograin_core.attention.runtime import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
 
@@ -78,6 +78,24 @@ def add_frame_pooled_norms(patched, slot: BatchLayoutSlot) -> int:
             continue
         patched.add_object_patch(key, FramePooledGroupNorm(current, slot))
     return len(names)
+
+
+def per_sequence_shape(shape, transformer_options) -> tuple:
+    """The latent shape of one sequence: a sampler that stacks branches (P2P: [source;
+    target]) announces how many with GROUPS_KEY, each of shape[0] // groups frames."""
+    groups = int((transformer_options or {}).get(GROUPS_KEY, 1) or 1)
+    shape = tuple(shape)
+    if groups > 1 and shape and shape[0] % groups == 0:
+        return (shape[0] // groups,) + shape[1:]
+    return shape
+
+
+def install_runtime(patched, runtime, previous_options: dict) -> None:
+    """The runtime's attn1/attn2 functions on every transformer block of `patched` (a
+    clone), each chaining the replace `previous_options` had for its layer."""
+    for key in transformer_blocks(patched.model.diffusion_model):
+        patched.set_model_attn1_replace(runtime.make_attn1(_existing(previous_options, "attn1", key)), *key)
+        patched.set_model_attn2_replace(runtime.make_attn2(_existing(previous_options, "attn2", key)), *key)
 
 
 def _run(fn, q, k, v, extra_options, *args, **kwargs):
@@ -236,7 +254,7 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
             # a failure deep inside the UNet.
             guider = executor.class_obj
             to = getattr(guider, "model_options", {}).get("transformer_options", {})
-            runtime.check_latent(tuple(noise.shape))
+            runtime.check_latent(per_sequence_shape(noise.shape, to))
             if not to.get("videograin_disable_modulation"):
                 for c in getattr(guider, "original_conds", {}).get("positive", []) or []:
                     ca = c.get("cross_attn") if isinstance(c, dict) else None

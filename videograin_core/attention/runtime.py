@@ -38,6 +38,7 @@ per sigma) is computed once and cached.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -47,7 +48,7 @@ from typing import Callable
 import torch
 
 from ..prompts.layout import Layout
-from .batch_layout import BatchLayout, published
+from .batch_layout import PUBLISHED_KEY, BatchLayout, published
 from .region_layout import SIZE_TERMS, RegionLayout, treg
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,35 @@ class Stage:
 
     def __deepcopy__(self, memo):
         return self
+
+
+def select_sequences(call: AttentionCall, sequences) -> AttentionCall:
+    """The call narrowed to some of its sequences (indices chunk * groups + group, in
+    order), for a stage's `around` that computes the other rows itself. Each kept sequence
+    becomes a chunk of its own (groups 1) of its chunk's branch, with `cond_or_uncond`,
+    `uuids` and the published layout narrowed to match, so the rest of the chain sees an
+    ordinary batch: frames still regroup per sequence, branches stay as they were."""
+    batch = call.batch
+    if batch is None:
+        raise ValueError("select_sequences: the call has no batch layout")
+    seqs = [int(s) for s in sequences]
+    frames, groups = batch.frames, batch.groups
+    rows = torch.cat([torch.arange(s * frames, (s + 1) * frames) for s in seqs]).to(call.q.device)
+    chunks = [s // groups for s in seqs]
+    layout = BatchLayout(tuple(batch.branches[c] for c in chunks), frames, 1)
+    extra = dict(call.extra_options)
+    for name in ("cond_or_uncond", "uuids"):
+        value = extra.get(name)
+        if isinstance(value, (list, tuple)) and len(value) == batch.chunks:
+            extra[name] = [value[c] for c in chunks]
+    extra[PUBLISHED_KEY] = layout
+    return dataclasses.replace(call, q=call.q[rows], k=call.k[rows], v=call.v[rows], extra_options=extra,
+                               batch=layout)
+
+
+def sequence_rows(batch: BatchLayout, sequences) -> torch.Tensor:
+    """Row indices of the given sequences (chunk * groups + group), in order."""
+    return torch.cat([torch.arange(s * batch.frames, (s + 1) * batch.frames) for s in sequences])
 
 
 def stages_of(extra_options: dict) -> tuple:
@@ -194,6 +224,25 @@ class STLayoutRuntime:
         self._by_frames: dict = {}
         self._last_schedule = (object(), None)
         self._warned_batch = self._warned_bypass = False
+
+    @classmethod
+    def unmodulated(cls, host_attention: AttnFn, full_frame_attention: bool = True,
+                    frames_attention: AttnFn | None = None) -> "STLayoutRuntime":
+        """A runtime without a layout (a model the ST-Layout Patch did not prepare): the
+        kernel is the host's attention, over all frames of each sequence when
+        `full_frame_attention`; the stages run as on a patched model. Nothing is modulated."""
+        rt = cls.__new__(cls)
+        rt.layout = None
+        rt.options = PatchOptions(full_frame_attention=bool(full_frame_attention), self_strength=0.0,
+                                  cross_strength=0.0)
+        rt.host_attention = host_attention
+        rt.frames_attention = frames_attention or host_attention
+        rt.timestep_fn = None
+        rt.layout_attention = None
+        rt._grids, rt._steps, rt._by_frames = {}, {}, {}
+        rt._last_schedule = (object(), None)
+        rt._warned_batch = rt._warned_bypass = False
+        return rt
 
     def videograin_fingerprint(self) -> dict:
         """What an inversion through this patch depends on (the inversion cache key).
@@ -469,4 +518,5 @@ class STLayoutRuntime:
         return out
 
 
-__all__ = ["PatchOptions", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
+__all__ = ["PatchOptions", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage", "select_sequences",
+           "sequence_rows", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
