@@ -28,6 +28,9 @@ from vg_testlib import ExecutionFailed, PromptRejected, comfyui_path, edit_promp
 
 SIZE, SRC_FRAMES = 64, 6
 SAMPLING_NODES = ("inv", "sample", "p2ps")
+# An error a node reports must come before that node or any later one samples; the nodes it
+# depends on ran (and sampled) first.
+UPSTREAM = {"sample": {"inv"}, "p2ps": {"inv"}}
 
 
 # ---------------------------------------------------------------- inputs on disk
@@ -323,6 +326,15 @@ def local_prompt_has_effect(ctx, prompt, r):
     outside_union_is_source(4)(ctx, prompt, r)
 
 
+def injection_changes_the_edit_inside_the_regions(ctx, prompt, r):
+    """PnP on: the edit differs from the same edit without injection, and outside the
+    regions the latent is still the source (the blend comes after injection)."""
+    off = _rerun(ctx, prompt, put("sample", inject_step=0), ctx.tag + "_off")
+    a, b = saved_latent(ctx.env.client, r.entry), saved_latent(ctx.env.client, off.entry)
+    assert not torch.allclose(a[..., :4], b[..., :4], atol=1e-3)
+    outside_union_is_source(4)(ctx, prompt, r)
+
+
 def positive_is_ignored(ctx, prompt, r):
     """cfg 0 is the unconditional prediction: another positive prompt gives the same edit."""
     other = _rerun(ctx, prompt, seq(put("cond", global_prompt="a blue fox in the snow"),
@@ -403,6 +415,15 @@ CASES = [
     ("trajectories-model-not-patched", seq(trajectories(), put("tatt", model=["ckpt", 0])), "tatt",
      r"model: trajectory attention runs inside VideoGrain's attention runtime"),
     ("trajectories-legal", trajectories(), None, frames_and_size(2, (64, 64))),
+    # PnP feature injection (the base edit has 2 steps)
+    ("pnp-steps-beyond-schedule", put("inv", pnp_steps=2), "inv",
+     r"pnp_steps is 2 but 2 steps with the reference alignment have records for at most 1 sampling steps"),
+    ("inject-without-features", put("sample", inject_step=1), "sample",
+     r"inject_step is 1 but the inversion has no PnP features: set pnp_steps to at least 1"),
+    ("inject-beyond-recorded", seq(put("inv", pnp_steps=1), put("sample", inject_step=2)), "sample",
+     r"inject_step is 2 but the inversion recorded PnP features for 1 steps only"),
+    ("pnp-aligned-all-steps", seq(put("inv", pnp_steps=2, pnp_alignment="aligned"), put("sample", inject_step=2)),
+     None, injection_changes_the_edit_inside_the_regions),
 ]
 
 
@@ -429,9 +450,8 @@ def test_bad_input(env, case):
         assert r.status in ("rejected", "error"), f"{cid}: expected an error, got {r.status}"
         assert re.search(expect, r.text), f"{cid}: {expect!r} not in {r.text[:3000]}"
         assert node in r.nodes, f"{cid}: expected node {node} to report it, got {r.nodes}"
-        # a node after the inversion (P2P Sample) is refused before its own sampling
-        started = r.sampled - {"inv"} if node == "p2ps" else r.sampled
-        assert not started, f"{cid}: refused only after sampling started ({r.sampled})"
+        late = r.sampled - UPSTREAM.get(node, set())
+        assert not late, f"{cid}: refused only after sampling started ({late})"
     assert env.client.alive()
 
 
