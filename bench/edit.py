@@ -12,6 +12,8 @@ imports the host in-process and executes the API workflow with the host's execut
       resolution (defaults), inversion cache empty
   (d) a second edit of the same clip with NEW prompts (c's cache filled): inversion hits
   (e) (c) without trajectory attention (the ST-Layout patch alone)
+  (f) (c) with PnP feature injection for the first steps // 5 steps (recorded by the
+      inversion, injected by Sample), as about half the reference's configs do
 The edits of (c) and (e) are saved as PNG frames with the source frames, and their
 Warp-Err (videograin_core.metrics.warp_error: the source's DIS flow, forward-backward
 occlusion check, mean absolute difference on [0, 1], x100 as the paper reports) is
@@ -106,6 +108,10 @@ def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) ->
         if variant == "a":
             drop.add("VideoGrainSTLayoutPatch")
         prompt = {k: v for k, v in prompt.items() if v["class_type"] not in drop}
+    if variant == "f":
+        inject = max(1, steps // 5)
+        prompt[ids["VideoGrainDDIMInvert"]]["inputs"]["pnp_steps"] = inject
+        prompt[ids["VideoGrainSample"]]["inputs"]["inject_step"] = inject
     if variant in ("c", "e"):
         prompt["bench_edit"] = {"class_type": "SaveImage", "inputs": {
             "images": [ids["VideoGrainDecode"], 0], "filename_prefix": f"bench_{variant}/edit"}}
@@ -230,7 +236,7 @@ def main():
     ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
     ap.add_argument("--gpu", action="store_true", help="run on the CUDA GPU (the host's default precision: fp16)")
-    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcde"))
+    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcdef"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -252,7 +258,7 @@ def main():
     res = {}
     for f in a.frames:
         with tempfile.TemporaryDirectory(prefix="vg-bench-") as wd:
-            for v in [v for v in "abcde" if v in a.variants]:
+            for v in [v for v in "abcdef" if v in a.variants]:
                 # each variant its own folders (b's inversion would be a hit for c), except
                 # d, which shares c's: d is the second edit and hits c's cache
                 r = measure(a, v, f, os.path.join(wd, "c" if v == "d" else v))
