@@ -17,6 +17,8 @@ from comfy_api.latest import io
 from ..videograin_core.pnp import plan as pnp_plan
 from ..videograin_core.pnp.bank import BANK_FORMAT, FeatureBank
 from ..videograin_core.pnp.hooks import PnPRun
+from ..videograin_core.attention.runtime import stages_of
+from ..videograin_core.capture.recorder import records_unet
 from ..videograin_core.sampling import ddim
 from ..videograin_core.sampling.inversion_cache import InversionCache, make_key, tensor_digest
 from . import pnp_glue
@@ -55,7 +57,9 @@ class VideoGrainDDIMInvert(io.ComfyNode):
                                       tooltip="Only used when cfg != 1, and as the uncond branch's prompt for PnP "
                                               "features (pnp_steps > 0; the reference: the empty prompt; not "
                                               "connected: the source conditioning)."),
-                io.Boolean.Input("use_cache", default=True, tooltip="Reuse an identical earlier inversion from disk."),
+                io.Boolean.Input("use_cache", default=True, tooltip="Reuse an identical earlier inversion from disk "
+                                                                    "(never while the model carries an attention "
+                                                                    "capture: that needs the UNet to run)."),
                 io.Combo.Input("scheme", options=list(ddim.INVERSION_SCHEMES), default="official", optional=True,
                                tooltip="official: VideoGrain's (the UNet evaluated on the latent at its own "
                                        "timestep, steps - 1 UNet calls, the clean latent taken as the latent at "
@@ -125,6 +129,12 @@ class VideoGrainDDIMInvert(io.ComfyNode):
         guided = not math.isclose(cfg, 1.0)
 
         cache = InversionCache(cache_folder(), max_bytes=cache_max_bytes())
+        if use_cache and records_unet(stages_of(m.model_options.get("transformer_options", {}))):
+            # An attention capture on the model records while the UNet runs: a cached result
+            # would leave it empty (and an entry written now is keyed by the capture).
+            logging.info("VideoGrain: DDIM Invert bypasses the inversion cache: the model carries an attention "
+                         "capture, which needs the UNet to run")
+            use_cache = False
         if use_cache:
             # Images are keyed by the pixels (every value hashed) and the VAE, so a hit skips the encode.
             source_key = ({"latent": samples} if samples is not None

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from ..videograin_core.attention.st_layout import layout_attention
 from ..videograin_core.attention.batch_layout import GROUPS_KEY, BatchLayoutSlot, publish_call
 from ..videograin_core.attention.frame_norm import FramePooledGroupNorm
-from ..videograin_core.attention.runtime import SELF_BRANCHES, SIZE_TERMS, PatchOptions, STLayoutRuntime
+from ..videograin_core.attention.runtime import SELF_BRANCHES, SIZE_TERMS, PatchOptions, StageRuntime, STLayoutRuntime
 
 from .wire_types import LAYOUT
 WRAPPER_KEY = "videograin_st_layout"
@@ -160,9 +160,15 @@ def _frames_attention(q, k, v, extra_options, *args, **kwargs):
 
 def _existing(model_options: dict, which: str, key: tuple):
     """The replace the host would have called for this layer: the (block, number, index)
-    entry, else the (block, number) entry, as BasicTransformerBlock looks them up."""
+    entry, else the (block, number) entry, as BasicTransformerBlock looks them up. The
+    pack's bare stage runtime (a capture node applied before this patch) is looked
+    through: this patch's runtime runs the same stages, and chaining it would run them
+    twice per call."""
     table = model_options.get("transformer_options", {}).get("patches_replace", {}).get(which, {})
-    return table.get(key) or table.get(key[:2])
+    fn = table.get(key) or table.get(key[:2])
+    while fn is not None and type(getattr(fn, "videograin_runtime", None)) is StageRuntime:
+        fn = fn.videograin_previous
+    return fn
 
 
 def _check_sd15(model) -> list:

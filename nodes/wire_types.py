@@ -6,3 +6,4 @@ TRANSFORM = io.Custom("VIDEOGRAIN_TRANSFORM")    # videograin_core.video.frame_t
 INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.sampling.ddim.Inversion
 TRAJECTORIES = io.Custom("VIDEOGRAIN_TRAJECTORIES")  # videograin_core.trajectories.stage.ClipTrajectories
 P2P = io.Custom("VIDEOGRAIN_P2P")                # videograin_core.p2p.control.P2PControl
+CAPTURE = io.Custom("VIDEOGRAIN_ATTENTION_CAPTURE")  # videograin_core.capture.recorder.AttentionRecorder

@@ -14,6 +14,8 @@ Models (`--which`):
   small_cnet   SD1.5-format ControlNet matching `small`.
   small_smooth `small` with the UNet output conv scaled by 0.05 (smooth eps, for inversion checks).
   full         the full SD1.5 UNet, CLIP-L and the full KL VAE (for benchmarks; ~2 GiB).
+And `write_clip_pair`: a random CLIP ViT-L/14 (text and vision halves with their
+projections, openai's file layout; ~0.85 GiB) for the metrics node's tests and bench.
 
 Deterministic: every tensor is drawn from a generator seeded by (seed, tensor name), so
 the same seed writes the same bytes. A file whose embedded recipe matches is reused.
@@ -134,6 +136,64 @@ def _vae_sd(kind: str, seed: int) -> dict:
         # post_quant_conv; the host maps both spellings.
         sd = {k: v for k, v in sd.items() if not k.startswith("regularization")}
     return _fill(sd, "first_stage_model.", seed)
+
+
+CLIP_FILE = "videograin_test_clip_vitl14.safetensors"
+
+
+def _clip_pair_sd(seed: int) -> dict:
+    """A random CLIP ViT-L/14 in the layout of openai's clip-vit-large-patch14
+    model.safetensors: text_model.*, text_projection.weight, vision_model.*,
+    visual_projection.weight (the host's CLIP Vision Loader takes the vision half and its
+    CLIP Loader the text half of the same file)."""
+    import torch
+    import comfy.clip_vision
+    import comfy.ops
+    import comfy.sd1_clip
+    from comfy.clip_model import CLIPTextModel, CLIPVisionModelProjection
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        text_cfg = json.load(f)
+    with open(os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_vitl.json")) as f:
+        vision_cfg = json.load(f)
+    text = CLIPTextModel(text_cfg, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+    with torch.device("meta"):  # its visual projection is built without a device argument
+        vision = CLIPVisionModelProjection(vision_cfg, torch.float32, "meta", comfy.ops.disable_weight_init)
+    sd = _fill(text.state_dict(), "", seed)
+    sd.update(_fill(vision.state_dict(), "", seed))
+    return sd
+
+
+def write_clip_pair(models_dir: str, seed: int = 0) -> str:
+    """Write (or reuse) the random CLIP ViT-L/14 into models/clip_vision and hard-link it
+    (a copy where links fail) into models/text_encoders; returns the file name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    want = json.dumps({"which": "clip_vitl14", "seed": seed, "version": RECIPE_VERSION,
+                       "note": "random weights for tests: the scores are meaningless"}, sort_keys=True)
+    path = os.path.join(models_dir, "clip_vision", CLIP_FILE)
+    fresh = True
+    if os.path.exists(path):
+        try:
+            with safe_open(path, "pt") as f:
+                fresh = (f.metadata() or {}).get("videograin_test_recipe") != want
+        except Exception:
+            pass
+    if fresh:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(_clip_pair_sd(seed), path + ".partial", metadata={"videograin_test_recipe": want})
+        os.replace(path + ".partial", path)
+    link = os.path.join(models_dir, "text_encoders", CLIP_FILE)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if fresh or not os.path.exists(link) or not os.path.samefile(path, link):
+        if os.path.lexists(link):
+            os.remove(link)
+        try:
+            os.link(path, link)
+        except OSError:
+            import shutil
+            shutil.copyfile(path, link)
+    return CLIP_FILE
 
 
 def recipe(which: str, seed: int) -> str:

@@ -22,6 +22,8 @@ A layer call is a small pipeline:
    (trajectory attention, capture).
 Stages live in the model's transformer_options (per MODEL, so a node adding one clones
 the model and never changes its input), so no stage needs a second replace per layer.
+`StageRuntime` is that pipeline with the host's attention as the kernel (for a model the
+ST-Layout Patch has not patched); `STLayoutRuntime` adds the ST-Layout kernel stage.
 
 The ST-Layout stage
 - Self-attention (attn1): with full-frame attention on, the batch [sequences*F, hw, C]
@@ -198,7 +200,72 @@ class _Terms:
         self.cross_size = g.cross_size                             # [F, hw]
 
 
-class STLayoutRuntime:
+class StageRuntime:
+    """The per-layer pipeline (module docstring) with the host's own attention as the
+    kernel: what a node that adds a stage installs on a model the ST-Layout Patch has not
+    patched (e.g. attention capture while inverting a clip that has no layout yet). Calls
+    go to the replace registered before it (another pack's), else the host's attention,
+    with the same arguments: only the stages are added."""
+
+    def __init__(self, host_attention: AttnFn):
+        self.host_attention = host_attention
+        self._warned_batch = False
+
+    def videograin_fingerprint(self) -> dict:
+        """The bare runtime changes no attention result: only its stages (fingerprinted
+        through the transformer_options) can."""
+        return {"stage_runtime": 1}
+
+    # ------------------------------------------------------------ the pipeline
+    def batch_of(self, q, extra_options) -> BatchLayout | None:
+        """The call's batch layout: the one the pack published for this UNet call, else
+        (callers outside the pack's wrapper) one chunk of frames per cond_or_uncond entry.
+        None when the rows do not fit it (another wrapper reshaped the batch): not ours."""
+        layout = published(extra_options)
+        if layout is not None and layout.rows == q.shape[0]:
+            return layout
+        cu = extra_options.get("cond_or_uncond")
+        layout = BatchLayout.from_call(q.shape[0], cu)
+        if layout is None and cu and not self._warned_batch:
+            self._warned_batch = True
+            log.warning("VideoGrain: an attention call got a batch of %d for %d cond/uncond parts (something "
+                        "else reshaped the batch): that call runs without full-frame attention or modulation",
+                        q.shape[0], len(cu))
+        return layout
+
+    def _pipeline(self, kind: str, q, k, v, extra_options, kernel) -> torch.Tensor:
+        """One layer call: the stages' `before` (in order), their `around` nested around the
+        kernel (the first stage outermost), then their `after` (in order)."""
+        stages = stages_of(extra_options)
+        call = AttentionCall(kind, q, k, v, extra_options, self.batch_of(q, extra_options))
+        for stage in stages:
+            stage.before(call)
+        run = kernel
+        for stage in reversed(stages):
+            run = functools.partial(stage.around, next=run)
+        out = run(call)
+        for stage in stages:
+            out = stage.after(call, out)
+        return out
+
+    def make_attn1(self, previous: AttnFn | None) -> AttnFn:
+        return self._bare("self", previous)
+
+    def make_attn2(self, previous: AttnFn | None) -> AttnFn:
+        return self._bare("cross", previous)
+
+    def _bare(self, kind: str, previous: AttnFn | None) -> AttnFn:
+        inner = previous or self.host_attention
+
+        def attn(q, k, v, extra_options):
+            return self._pipeline(kind, q, k, v, extra_options,
+                                  lambda call: inner(call.q, call.k, call.v, call.extra_options))
+        attn.videograin_runtime = self
+        attn.videograin_previous = previous  # what a later runtime chains instead of this function
+        return attn
+
+
+class STLayoutRuntime(StageRuntime):
     """Shared by the attn1/attn2 functions of one patched model."""
 
     def __init__(self, layout: Layout, options: PatchOptions, host_attention: AttnFn,
@@ -349,41 +416,10 @@ class STLayoutRuntime:
         return None
 
     # ------------------------------------------------------------ attention functions
-    def batch_of(self, q, extra_options) -> BatchLayout | None:
-        """The call's batch layout: the one the pack published for this UNet call, else
-        (callers outside the pack's wrapper) one chunk of frames per cond_or_uncond entry.
-        None when the rows do not fit it (another wrapper reshaped the batch): not ours."""
-        layout = published(extra_options)
-        if layout is not None and layout.rows == q.shape[0]:
-            return layout
-        cu = extra_options.get("cond_or_uncond")
-        layout = BatchLayout.from_call(q.shape[0], cu)
-        if layout is None and cu and not self._warned_batch:
-            self._warned_batch = True
-            log.warning("VideoGrain: an attention call got a batch of %d for %d cond/uncond parts (something "
-                        "else reshaped the batch): that call runs without full-frame attention or modulation",
-                        q.shape[0], len(cu))
-        return layout
-
     def _modulation_weight(self, extra_options) -> float:
         if extra_options.get("videograin_disable_modulation"):
             return 0.0
         return self.step_weight(extra_options)
-
-    def _pipeline(self, kind: str, q, k, v, extra_options, kernel) -> torch.Tensor:
-        """One layer call: the stages' `before` (in order), their `around` nested around the
-        kernel (the first stage outermost), then their `after` (in order)."""
-        stages = stages_of(extra_options)
-        call = AttentionCall(kind, q, k, v, extra_options, self.batch_of(q, extra_options))
-        for stage in stages:
-            stage.before(call)
-        run = kernel
-        for stage in reversed(stages):
-            run = functools.partial(stage.around, next=run)
-        out = run(call)
-        for stage in stages:
-            out = stage.after(call, out)
-        return out
 
     def make_attn1(self, previous: AttnFn | None) -> AttnFn:
         host_inner = previous or self.host_attention
@@ -518,5 +554,5 @@ class STLayoutRuntime:
         return out
 
 
-__all__ = ["PatchOptions", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage", "select_sequences",
-           "sequence_rows", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
+__all__ = ["PatchOptions", "StageRuntime", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage",
+           "select_sequences", "sequence_rows", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
