@@ -128,7 +128,7 @@ def patched(comfy_host, test_models):
     import comfy.sd
     nodes = comfy_host.nodes
     pack = comfy_host.pack.__name__
-    Layout = import_module(pack + ".videograin_core.layout").Layout
+    Layout = import_module(pack + ".videograin_core.prompts.layout").Layout
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_clipvision=False)
     left = torch.zeros(FRAMES, LATENT * 8, LATENT * 8)
     left[:, :, :32] = 1
@@ -222,7 +222,7 @@ def test_outer_sample_wrapper_passes_extra_arguments_on(patched):
 
 
 def test_step_callback_passes_extra_arguments_on(comfy_host, patched, monkeypatch):
-    ddim = import_module(comfy_host.pack.__name__ + ".nodes.ddim_invert")
+    ddim = import_module(comfy_host.pack.__name__ + ".nodes.host_glue")
     seen = []
     monkeypatch.setattr(ddim.latent_preview, "prepare_callback",
                         lambda model, steps: lambda *args, **kwargs: seen.append((args, kwargs)))
