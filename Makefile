@@ -24,6 +24,7 @@ bench:
 	  $$HOST_PYTHON bench/cross_attention.py && \
 	  $$HOST_PYTHON bench/trajectory_attention.py && \
 	  $$HOST_PYTHON bench/gpu_memory.py --frames 16 30 64 && \
+	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/pnp.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/edit.py $(BENCH_EDIT_ARGS)
 
 clean-host:

@@ -159,6 +159,17 @@ def test_records_are_half_precision_and_only_the_injected_steps(pack, env):
     assert bank.get(1, "attn1:output.6.0", 0).shape == (FRAMES, LATENT * LATENT, 320)
 
 
+def test_a_record_outside_float16s_range_is_kept_in_float32(pack):
+    bank = pack.bank.FeatureBank(steps=1, alignment="reference", scheme="official", sigmas=torch.linspace(0, 1, 3),
+                                 frames=1, latent_hw=(8, 8), targets=(), shared=True, source_index={0: 1})
+    small, large = torch.tensor([[1.5, -2.0]]), torch.tensor([[1.5, 7e4]])
+    bank.put(0, "a", 0, small)
+    bank.put(0, "b", 0, large)
+    assert bank.get(0, "a", 1).dtype == torch.float16 and torch.equal(bank.get(0, "a", 1).float(), small)
+    assert bank.get(0, "b", 0).dtype == torch.float32 and torch.equal(bank.get(0, "b", 0), large)
+    assert bank.get(0, "a", 2) is None  # branches beyond cond/uncond (other guiders) get no record
+
+
 # ---------------------------------------------------------------- recording changes nothing
 def test_the_hosts_cfg1_combine_is_not_exact(comfy_host):
     """Why the recording runs the uncond branch apart: at cfg 1 with the uncond branch run,

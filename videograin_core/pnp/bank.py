@@ -17,7 +17,6 @@ from .plan import Target, check_alignment, values_per_frame
 
 BANK_FORMAT = 1
 STORE_DTYPE = torch.float16   # records are stored in this precision (tests may change it to float32)
-_F16_MAX = 65504.0
 
 
 class FeatureBank:
@@ -53,7 +52,7 @@ class FeatureBank:
     def put(self, step: int, name: str, branch: int, value: torch.Tensor) -> None:
         v = value.detach()
         stored = v.to("cpu", self.dtype, copy=True)
-        if self.dtype == torch.float16 and bool(v.abs().amax() > _F16_MAX):
+        if stored.dtype == torch.float16 and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(v).all()):
             stored = v.to("cpu", torch.float32, copy=True)  # out of float16's range: keep it whole
         self.records[self.key(step, name, branch)] = stored
 
