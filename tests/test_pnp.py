@@ -103,23 +103,6 @@ class UNetCalls:
         monkeypatch.setattr(inner, "apply_model", counted)
 
 
-def split_calls(apply_model, args):
-    """A unet function wrapper that runs every cond/uncond chunk as a UNet call of its own
-    (as the host does under memory pressure, and as the recording runs at cfg 1)."""
-    x, t, c, cu = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
-    f = x.shape[0] // len(cu)
-    outs = []
-    for i, branch in enumerate(cu):
-        rows = slice(i * f, (i + 1) * f)
-        part = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == x.shape[0] else v) for k, v in c.items()}
-        options = dict(c["transformer_options"])
-        options["cond_or_uncond"] = [branch]
-        options["uuids"] = [options["uuids"][i]]
-        part["transformer_options"] = options
-        outs.append(apply_model(x[rows], t[rows], **part))
-    return torch.cat(outs)
-
-
 # ---------------------------------------------------------------- the layers and the store
 def test_the_layers_are_the_references_sd15_ones(pack, env, comfy_host):
     import comfy.ops
