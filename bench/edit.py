@@ -12,6 +12,8 @@ imports the host in-process and executes the API workflow with the host's execut
       resolution (defaults), inversion cache empty
   (d) a second edit of the same clip with NEW prompts (c's cache filled): inversion hits
   (e) (c) without trajectory attention (the ST-Layout patch alone)
+  (f) (c) with PnP feature injection for the first steps // 5 steps (recorded by the
+      inversion, injected by Sample), as about half the reference's configs do
 The edits of (c) and (e) are saved as PNG frames with the source frames, and their
 Warp-Err (videograin_core.metrics.warp_error: the source's DIS flow, forward-backward
 occlusion check, mean absolute difference on [0, 1], x100 as the paper reports) is
@@ -38,6 +40,8 @@ from proc_memory import peak_rss_bytes, settle_and_reset_peak, status_kib  # ben
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.append(os.path.join(REPO, "scripts"))
+import comfy_runner  # noqa: E402
 TIMED_NODES = ("VideoGrainFlowTrajectories", "VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
 
 
@@ -104,6 +108,10 @@ def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) ->
         if variant == "a":
             drop.add("VideoGrainSTLayoutPatch")
         prompt = {k: v for k, v in prompt.items() if v["class_type"] not in drop}
+    if variant == "f":
+        inject = max(1, steps // 5)
+        prompt[ids["VideoGrainDDIMInvert"]]["inputs"]["pnp_steps"] = inject
+        prompt[ids["VideoGrainSample"]]["inputs"]["inject_step"] = inject
     if variant in ("c", "e"):
         prompt["bench_edit"] = {"class_type": "SaveImage", "inputs": {
             "images": [ids["VideoGrainDecode"], 0], "filename_prefix": f"bench_{variant}/edit"}}
@@ -175,7 +183,7 @@ def child(a) -> None:
     # of its own (about 2 GiB above the loaded models for the full-size checkpoint), so
     # the mark is reset to the settled RSS first: the peak read after the edit is the
     # edit's, not the loader's.
-    ex = execution.PromptExecutor(_Srv(), cache_args={"lru": 0, "ram": 0})
+    ex = comfy_runner.in_process_executor(execution, _Srv())
     warm = {"1": prompt["1"], "w": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}}}
     ex.execute(warm, str(uuid.uuid4()), {}, ["w"])  # not an output node: asked for by id
     import gc
@@ -225,10 +233,10 @@ def main():
     ap.add_argument("--size", type=int, default=64, help="short side in pixels")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--long", type=int, default=0, help="also run (c) at this many frames")
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
     ap.add_argument("--gpu", action="store_true", help="run on the CUDA GPU (the host's default precision: fp16)")
-    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcde"))
+    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcdef"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -239,7 +247,6 @@ def main():
         return child(a)
 
     sys.path.insert(0, a.comfyui)
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
     from comfy.cli_args import args as comfy_args
     comfy_args.cpu = True
     import make_test_models
@@ -251,7 +258,7 @@ def main():
     res = {}
     for f in a.frames:
         with tempfile.TemporaryDirectory(prefix="vg-bench-") as wd:
-            for v in [v for v in "abcde" if v in a.variants]:
+            for v in [v for v in "abcdef" if v in a.variants]:
                 # each variant its own folders (b's inversion would be a hit for c), except
                 # d, which shares c's: d is the second edit and hits c's cache
                 r = measure(a, v, f, os.path.join(wd, "c" if v == "d" else v))

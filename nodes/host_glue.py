@@ -63,9 +63,9 @@ def step_callback(model, steps: int):
     """Progress bar + preview, and a stop at every step when the user interrupts."""
     preview = latent_preview.prepare_callback(model, steps)
 
-    def callback(step, x0, x, total_steps):
+    def callback(step, x0, x, total_steps, *args, **kwargs):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        preview(step, x0, x, total_steps)
+        preview(step, x0, x, total_steps, *args, **kwargs)
     return callback
 
 
@@ -78,6 +78,17 @@ def run_sampler(model, sampler_fn, extra_options, sigmas, positive, negative, cf
     return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
                                       callback=step_callback(model, len(sigmas) - 1),
                                       disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+
+def run_guider(guider, sampler_fn, extra_options, sigmas, latent, seed=0):
+    """Run a k-diffusion style sampler function through a guider (as SamplerCustomAdvanced
+    does) with zero noise, with run_sampler's progress bar, preview and interruption."""
+    sampler = comfy.samplers.KSAMPLER(sampler_fn, extra_options=extra_options)
+    noise = torch.zeros(latent.shape, dtype=torch.float32, device="cpu")
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    out = guider.sample(noise, latent, sampler, sigmas, callback=step_callback(guider.model_patcher, len(sigmas) - 1),
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return out.to(comfy.model_management.intermediate_device())
 
 
 def host_fingerprint(obj):

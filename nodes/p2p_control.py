@@ -3,10 +3,12 @@ sections 6-8). The alignment lives in videograin_core.p2p; this node hands it th
 CLIP's own tokenizer and encodes the two prompts as CLIPTextEncode would."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from comfy_api.latest import io
 
-from ..videograin_core.p2p.control import build_control
+from ..videograin_core.p2p.control import build_control, conditioning_digest
 
 from .wire_types import P2P
 
@@ -121,6 +123,9 @@ class VideoGrainP2PControl(io.ComfyNode):
                 raise ValueError(f"{name}: encoded to {cond.shape[1]} tokens, not the {control.token_count} of one "
                                  f"CLIP window the alignment assumes")
             out.append(conds)
+        # the sampler checks that it gets these very conditionings (not another prompt pair's)
+        control = dataclasses.replace(control, source_digest=conditioning_digest(out[0][0][0]),
+                                      target_digest=conditioning_digest(out[1][0][0]))
         return io.NodeOutput(out[0], out[1], control)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..videograin_core.pnp import plan as pnp_plan
+from ..videograin_core.pnp.hooks import PnPRun
 from ..videograin_core.sampling import ddim
+from . import pnp_glue
 from .host_glue import check_control_hints, run_sampler
 from .wire_types import INVERSION as Inversion
 
@@ -36,6 +39,27 @@ def _blend_mask(layout, latent: torch.Tensor) -> torch.Tensor:
     return ddim.latent_mask(union, frames, (h, w))
 
 
+def _pnp_injector(model, inv, inject_step: int):
+    """A clone of `model` that injects the inversion's PnP features in the first inject_step
+    steps, and the sampler's call options; errors name the input, before any sampling."""
+    bank = inv.features
+    if bank is None:
+        raise ValueError(f"inject_step is {inject_step} but the inversion has no PnP features: set pnp_steps to at "
+                         f"least {inject_step} on VideoGrain DDIM Invert (or inject_step to 0)")
+    if inject_step > bank.steps:
+        raise ValueError(f"inject_step is {inject_step} but the inversion recorded PnP features for {bank.steps} "
+                         f"steps only (pnp_steps on VideoGrain DDIM Invert): lower inject_step or raise pnp_steps")
+    bank.check_for(inv.latent.shape, inv.sigmas, inv.scheme)
+    have = set(pnp_plan.targets_for(model.model.diffusion_model))
+    lacking = [t.name for t in bank.targets if t not in have]
+    if lacking:
+        raise ValueError(f"model: the inversion's PnP features include {', '.join(lacking)}, which this model "
+                         f"does not have: sample with the model you inverted with")
+    patched = model.clone()
+    pnp_glue.install(patched, PnPRun("inject", bank), bank.targets)
+    return patched, pnp_glue.inject_options(inject_step)
+
+
 class VideoGrainSample(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -59,15 +83,22 @@ class VideoGrainSample(io.ComfyNode):
                                        "code); off: no blending."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise for the 're-noised source' blend only."),
+                io.Int.Input("inject_step", default=0, min=0, max=999, optional=True,
+                             tooltip="PnP feature injection: in the first inject_step steps the source's decoder "
+                                     "features (recorded by DDIM Invert with pnp_steps >= this) replace the "
+                                     "edit's own; 0 = off. The reference: off, or 5, 10, 12, 30 or 40 of 50"),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, inversion, cfg, blend=BLEND_TRAJECTORY, seed=0,
-                layout=None) -> io.NodeOutput:
+                layout=None, inject_step=0) -> io.NodeOutput:
         inv = inversion
         _check_schedule(model, inv)
+        extra = {}
+        if inject_step:
+            model, extra["call_options"] = _pnp_injector(model, inv, int(inject_step))
         check_control_hints(inv.latent.shape[0], positive=positive, negative=negative)
         sigmas = inv.sigmas.flip(0)  # descending, the inversion's schedule walked back
         mask = reference = None
@@ -77,7 +108,7 @@ class VideoGrainSample(io.ComfyNode):
                 reference = ddim.trajectory_reference(inv.trajectory)
             else:
                 reference = ddim.renoised_reference(inv.trajectory[0], sigmas, seed)
-        out = run_sampler(model, ddim.sample_ddim_blend, {"mask": mask, "reference": reference}, sigmas,
+        out = run_sampler(model, ddim.sample_ddim_blend, {"mask": mask, "reference": reference, **extra}, sigmas,
                           positive, negative, cfg, inv.latent, seed=seed)
         return io.NodeOutput({"samples": out.detach().to("cpu", torch.float32)})
 

@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..videograin_core.attention.st_layout import layout_attention
-from ..videograin_core.attention.batch_layout import BatchLayoutSlot, publish_call
+from ..videograin_core.attention.batch_layout import GROUPS_KEY, BatchLayoutSlot, publish_call
 from ..videograin_core.attention.frame_norm import FramePooledGroupNorm
 from ..videograin_core.attention.runtime import SELF_BRANCHES, SIZE_TERMS, PatchOptions, StageRuntime, STLayoutRuntime
 
@@ -80,16 +80,35 @@ def add_frame_pooled_norms(patched, slot: BatchLayoutSlot) -> int:
     return len(names)
 
 
-def _run(fn, q, k, v, extra_options):
-    """A host attention function called as the host's transformer blocks call it."""
-    return fn(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-              transformer_options=extra_options)
+def per_sequence_shape(shape, transformer_options) -> tuple:
+    """The latent shape of one sequence: a sampler that stacks branches (P2P: [source;
+    target]) announces how many with GROUPS_KEY, each of shape[0] // groups frames."""
+    groups = int((transformer_options or {}).get(GROUPS_KEY, 1) or 1)
+    shape = tuple(shape)
+    if groups > 1 and shape and shape[0] % groups == 0:
+        return (shape[0] // groups,) + shape[1:]
+    return shape
 
 
-def _host_attention(q, k, v, extra_options):
+def install_runtime(patched, runtime, previous_options: dict) -> None:
+    """The runtime's attn1/attn2 functions on every transformer block of `patched` (a
+    clone), each chaining the replace `previous_options` had for its layer."""
+    for key in transformer_blocks(patched.model.diffusion_model):
+        patched.set_model_attn1_replace(runtime.make_attn1(_existing(previous_options, "attn1", key)), *key)
+        patched.set_model_attn2_replace(runtime.make_attn2(_existing(previous_options, "attn2", key)), *key)
+
+
+def _run(fn, q, k, v, extra_options, *args, **kwargs):
+    """A host attention function called as the host's transformer blocks call it; arguments
+    a host passes an attention replace beyond (q, k, v, extra_options) go on to it."""
+    kwargs = {"attn_precision": extra_options.get("attn_precision"), "transformer_options": extra_options, **kwargs}
+    return fn(q, k, v, extra_options["n_heads"], *args, **kwargs)
+
+
+def _host_attention(q, k, v, extra_options, *args, **kwargs):
     # Resolved at call time: the host picks its attention implementation at start-up.
     import comfy.ldm.modules.attention as attention
-    return _run(attention.optimized_attention, q, k, v, extra_options)
+    return _run(attention.optimized_attention, q, k, v, extra_options, *args, **kwargs)
 
 
 FRAMES_ATTENTION_ENV = "VIDEOGRAIN_FULL_FRAME_ATTENTION"
@@ -135,8 +154,8 @@ def frames_attention_kernel(device: torch.device):
     return chosen
 
 
-def _frames_attention(q, k, v, extra_options):
-    return _run(frames_attention_kernel(q.device), q, k, v, extra_options)
+def _frames_attention(q, k, v, extra_options, *args, **kwargs):
+    return _run(frames_attention_kernel(q.device), q, k, v, extra_options, *args, **kwargs)
 
 
 def _existing(model_options: dict, which: str, key: tuple):
@@ -241,7 +260,7 @@ class VideoGrainSTLayoutPatch(io.ComfyNode):
             # a failure deep inside the UNet.
             guider = executor.class_obj
             to = getattr(guider, "model_options", {}).get("transformer_options", {})
-            runtime.check_latent(tuple(noise.shape))
+            runtime.check_latent(per_sequence_shape(noise.shape, to))
             if not to.get("videograin_disable_modulation"):
                 for c in getattr(guider, "original_conds", {}).get("positive", []) or []:
                     ca = c.get("cross_attn") if isinstance(c, dict) else None

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..videograin_core.attention.runtime import STLayoutRuntime, with_stage
 from ..videograin_core.trajectories.stage import RESOLUTIONS, TrajectoryStage
+from .st_layout_patch import per_sequence_shape
 from .wire_types import TRAJECTORIES
 
 WRAPPER_KEY = "videograin_trajectory_check"
@@ -67,7 +68,8 @@ class VideoGrainTrajectoryAttention(io.ComfyNode):
                    TrajectoryStage(trajectories, RESOLUTIONS[resolutions]))
 
         def check_before_sampling(executor, noise, *args, **kwargs):
-            check_latent(trajectories, tuple(noise.shape))
+            to = getattr(executor.class_obj, "model_options", {}).get("transformer_options", {})
+            check_latent(trajectories, per_sequence_shape(noise.shape, to))
             return executor(noise, *args, **kwargs)
 
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,

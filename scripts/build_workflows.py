@@ -186,7 +186,7 @@ def build(comfy: str, check: bool = False) -> int:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
     raise SystemExit(build(a.comfyui, a.check))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,7 +69,17 @@ class ComfyClient:
         """Wait for a queued prompt to finish; returns its /history entry."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}")
+            except (TimeoutError, urllib.error.URLError) as e:
+                # A server busy loading a model on a loaded machine can leave one poll
+                # unanswered for its 30 s; that is no answer yet, not a failure (the deadline
+                # and the process check still bound the wait).
+                if isinstance(e, urllib.error.URLError) and not isinstance(e.reason, TimeoutError):
+                    raise
+                if self.proc.poll() is not None:
+                    raise AssertionError("the ComfyUI server died while running the prompt") from e
+                continue
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
@@ -153,6 +164,54 @@ class ExecutionFailed(Exception):
         msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
         super().__init__(f"prompt failed: {json.dumps(msgs)[:4000]}")
         self.entry = entry
+
+
+# The host the scripts and tests use when COMFYUI_PATH is not set: the one
+# `scripts/setup_host.sh` builds by default (others: .host/<version>/ComfyUI).
+DEFAULT_HOST_VERSION = "0.3.75"
+
+
+def default_comfyui(repo: str) -> str:
+    return os.environ.get("COMFYUI_PATH") or os.path.join(repo, ".host", DEFAULT_HOST_VERSION, "ComfyUI")
+
+
+# cache_args keys some host reads without a default: 0.3.75 and 0.8.0 read "lru" and
+# "ram"; newer releases (0.38) also read "ram_inactive". The keys found in the host's own
+# code are added to these (see executor_cache_args).
+_KNOWN_CACHE_ARGS = ("lru", "ram", "ram_inactive")
+_CACHE_ARG_USE = re.compile(r"""cache_args\s*(?:\[|\.get\(|\.pop\()\s*["'](\w+)["']""")
+_CACHE_ARGS_LITERAL = re.compile(r"cache_args\s*=\s*\{([^{}]*)\}")
+_DICT_KEY = re.compile(r"""["'](\w+)["']\s*:""")
+
+
+def executor_cache_args(execution) -> dict:
+    """The `cache_args` for an in-process `execution.PromptExecutor`, found by reading the
+    host rather than by its version: every key its execution module reads from
+    `cache_args` and every key its main.py hands the server's executor, each 0 (no LRU
+    size, no RAM headroom), plus the keys known from releases that cannot be read here."""
+    import inspect
+    keys = dict.fromkeys(_KNOWN_CACHE_ARGS)
+    sources = [inspect.getsource(execution)]
+    main_py = os.path.join(os.path.dirname(os.path.abspath(execution.__file__)), "main.py")
+    if os.path.isfile(main_py):
+        with open(main_py, encoding="utf-8") as f:
+            sources.append(f.read())
+    for text in sources:
+        keys.update(dict.fromkeys(_CACHE_ARG_USE.findall(text)))
+        for literal in _CACHE_ARGS_LITERAL.findall(text):
+            keys.update(dict.fromkeys(_DICT_KEY.findall(literal)))
+    return {k: 0 for k in keys}
+
+
+def in_process_executor(execution, server):
+    """`execution.PromptExecutor(server, ...)` as the host's own server builds one, with
+    the cache arguments that host reads (executor_cache_args); a host whose executor
+    takes no `cache_args` gets none."""
+    import inspect
+    params = inspect.signature(execution.PromptExecutor).parameters
+    if "cache_args" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return execution.PromptExecutor(server, cache_args=executor_cache_args(execution))
+    return execution.PromptExecutor(server)
 
 
 def start_server(comfy: str, workdir: str, log_path: str, python: str = sys.executable, extra_args=(),

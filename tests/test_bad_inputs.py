@@ -27,7 +27,10 @@ from test_video_loader import make_video
 from vg_testlib import ExecutionFailed, PromptRejected, comfyui_path, edit_prompt, file_identity, load_script
 
 SIZE, SRC_FRAMES = 64, 6
-SAMPLING_NODES = ("inv", "sample")
+SAMPLING_NODES = ("inv", "sample", "p2ps")
+# An error a node reports must come before that node or any later one samples; the nodes it
+# depends on ran (and sampled) first.
+UPSTREAM = {"sample": {"inv"}, "p2ps": {"inv"}}
 
 
 # ---------------------------------------------------------------- inputs on disk
@@ -266,6 +269,26 @@ def _rerun(ctx, prompt, mutate, tag):
     return r
 
 
+def p2p_sample(source=0, target=1, control="p2p"):
+    """A P2P Control + P2P Sample on the base edit's inversion (the P2P Sample's source and
+    target wired from outputs `source` / `target` of the P2P Control, its p2p from `control`)."""
+    text = dict(clip=["ckpt", 1], mode="word swap", cross_replace=0.2, self_replace=0.5, reweight="",
+                blend_source_word="", blend_target_word="", blend_threshold=0.3, parity_bug=False)
+
+    def f(p, env):
+        p["p2p"] = {"class_type": "VideoGrainP2PControl",
+                    "inputs": dict(text, source_prompt="a fox in the snow", target_prompt="a cat in the snow")}
+        p["p2p_other"] = {"class_type": "VideoGrainP2PControl",
+                          "inputs": dict(text, source_prompt="a dog on the grass", target_prompt="a cow on the grass")}
+        p["p2ps"] = {"class_type": "VideoGrainP2PSample", "inputs": {
+            "model": ["ckpt", 0], "source": ["p2p", source], "target": ["p2p", target], "p2p": [control, 2],
+            "negative": ["empty", 0], "inversion": ["inv", 1], "cfg": 7.5, "source_mode": "direct",
+            "frame_attention": "all frames"}}
+        p["dec"]["inputs"]["samples"] = ["p2ps", 0]
+        del p["sample"], p["lat"]   # the base edit's own sampler is not part of this graph
+    return f
+
+
 def frames_and_size(frames, size):
     def check(ctx, prompt, r):
         assert saved_video(ctx.env.client, r.entry) == (frames, size)
@@ -303,6 +326,15 @@ def local_prompt_has_effect(ctx, prompt, r):
     outside_union_is_source(4)(ctx, prompt, r)
 
 
+def injection_changes_the_edit_inside_the_regions(ctx, prompt, r):
+    """PnP on: the edit differs from the same edit without injection, and outside the
+    regions the latent is still the source (the blend comes after injection)."""
+    off = _rerun(ctx, prompt, put("sample", inject_step=0), ctx.tag + "_off")
+    a, b = saved_latent(ctx.env.client, r.entry), saved_latent(ctx.env.client, off.entry)
+    assert not torch.allclose(a[..., :4], b[..., :4], atol=1e-3)
+    outside_union_is_source(4)(ctx, prompt, r)
+
+
 def positive_is_ignored(ctx, prompt, r):
     """cfg 0 is the unconditional prediction: another positive prompt gives the same edit."""
     other = _rerun(ctx, prompt, seq(put("cond", global_prompt="a blue fox in the snow"),
@@ -313,6 +345,11 @@ def positive_is_ignored(ctx, prompt, r):
 # ---------------------------------------------------------------- the catalogue
 # (id, mutation, node that must report it, message regex | check of a legal case)
 CASES = [
+    # P2P Sample: a control of other prompts, and source/target swapped; refused before its sampling
+    ("p2p-control-of-other-prompts", p2p_sample(control="p2p_other"), "p2ps",
+     r"source: this is not the conditioning the P2P control was made for"),
+    ("p2p-source-target-swapped", p2p_sample(source=1, target=0), "p2ps",
+     r"source: this is not the conditioning the P2P control was made for \(source and target are swapped\)"),
     # Video Loader: files and paths
     ("video-missing", put("load", video="bad_nothere.mp4"), "load", r"video 'bad_nothere\.mp4' does not exist"),
     ("video-empty", put("load", video="bad_empty.mp4"), "load", r"video 'bad_empty\.mp4' is empty \(0 bytes\)"),
@@ -378,6 +415,15 @@ CASES = [
     ("trajectories-model-not-patched", seq(trajectories(), put("tatt", model=["ckpt", 0])), "tatt",
      r"model: trajectory attention runs inside VideoGrain's attention runtime"),
     ("trajectories-legal", trajectories(), None, frames_and_size(2, (64, 64))),
+    # PnP feature injection (the base edit has 2 steps)
+    ("pnp-steps-beyond-schedule", put("inv", pnp_steps=2), "inv",
+     r"pnp_steps is 2 but 2 steps with the reference alignment have records for at most 1 sampling steps"),
+    ("inject-without-features", put("sample", inject_step=1), "sample",
+     r"inject_step is 1 but the inversion has no PnP features: set pnp_steps to at least 1"),
+    ("inject-beyond-recorded", seq(put("inv", pnp_steps=1), put("sample", inject_step=2)), "sample",
+     r"inject_step is 2 but the inversion recorded PnP features for 1 steps only"),
+    ("pnp-aligned-all-steps", seq(put("inv", pnp_steps=2, pnp_alignment="aligned"), put("sample", inject_step=2)),
+     None, injection_changes_the_edit_inside_the_regions),
 ]
 
 
@@ -404,7 +450,8 @@ def test_bad_input(env, case):
         assert r.status in ("rejected", "error"), f"{cid}: expected an error, got {r.status}"
         assert re.search(expect, r.text), f"{cid}: {expect!r} not in {r.text[:3000]}"
         assert node in r.nodes, f"{cid}: expected node {node} to report it, got {r.nodes}"
-        assert not r.sampled, f"{cid}: refused only after sampling started ({r.sampled})"
+        late = r.sampled - UPSTREAM.get(node, set())
+        assert not late, f"{cid}: refused only after sampling started ({late})"
     assert env.client.alive()
 
 

@@ -122,7 +122,7 @@ def raft_file(tmp_path_factory):
     from safetensors.torch import save_file
     from torchvision.models.optical_flow import raft_large
     torch.manual_seed(0)
-    model = raft_large(weights=None, progress=False).eval()
+    model = raft_large(weights=None, progress=False).train(False)
     folder = tmp_path_factory.mktemp("raft")
     path = folder / "raft_random.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -4,6 +4,7 @@ POST /prompt fails naming the input, before any sampling, and the server keeps s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -59,7 +60,11 @@ def test_outputs(env):
     assert isinstance(ctl, env["pack"].control.P2PControl)
     ref = env["pack"].control.build_control(MAN, SPIDER, env["hf"], mode="word swap", reweight="Spider-Man: 4",
                                             blend_source_word="man", blend_target_word="Spider-Man")
-    assert ctl == ref
+    assert dataclasses.replace(ctl, source_digest="", target_digest="") == ref
+    # the digests of the encoded prompts, for the sampler's check
+    digest = env["pack"].control.conditioning_digest
+    assert (ctl.source_digest, ctl.target_digest) == (digest(src[0][0]), digest(tgt[0][0]))
+    assert ctl.source_digest != ctl.target_digest
     assert ctl.mode == "swap" and (ctl.source_tokens, ctl.target_tokens, ctl.token_count) == (11, 13, 77)
     M = ctl.mapper_tensor(dtype=torch.float64)
     assert torch.allclose(M[2, 2:5], torch.full((3,), 1 / 3, dtype=torch.float64)) and M[3, 5] == 1   # is -> is

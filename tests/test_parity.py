@@ -17,7 +17,8 @@ from importlib import import_module
 
 import pytest
 import torch
-from vg_testlib import REPO, load_script
+from test_ddim import smooth  # noqa: F401  (the fixture: small model with a smooth eps)
+from vg_testlib import REPO
 
 FRAMES, LATENT = 3, 8
 
@@ -179,16 +180,6 @@ def test_batched_and_separate_cond_uncond_calls_agree(env):
 
 
 # ---------------------------------------------------------------- inversion schemes
-@pytest.fixture(scope="module")
-def smooth(comfy_host):
-    import comfy.sd
-    maker = load_script("make_test_models")
-    path = maker.write_model(os.path.join(comfy_host.path, "models"), "small_smooth")
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path)
-    empty = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
-    return model, empty
-
-
 def toy_eps(z, t):
     """eps as a smooth function of the UNet input (the diffusers latent) and the timestep."""
     return 0.8 * torch.tanh(1.5 * z) + 0.2 * torch.sin(z.flip(-1)) + 1e-3 * t
@@ -225,7 +216,7 @@ def plain_inversion(x0, alphas_cumprod, steps, scheme):
 
 @pytest.mark.parametrize("scheme,steps", [("official", 10), ("next-step", 10), ("official", 3)])
 def test_inversion_schemes_equal_plain_alpha_bar_implementations(comfy_host, smooth, monkeypatch, scheme, steps):
-    model, empty = smooth
+    model, empty = smooth.model, smooth.empty
     calls = []
     dm = model.model.diffusion_model
     monkeypatch.setattr(dm, "forward", lambda x, timesteps=None, context=None, **k:
@@ -248,7 +239,7 @@ def test_inversion_schemes_equal_plain_alpha_bar_implementations(comfy_host, smo
 
 
 def test_the_cache_key_covers_the_scheme(comfy_host, smooth, tmp_path, monkeypatch):
-    model, empty = smooth
+    model, empty = smooth.model, smooth.empty
     invert_mod = import_module(comfy_host.pack.__name__ + ".nodes.ddim_invert")
     monkeypatch.setattr(invert_mod, "cache_folder", lambda: str(tmp_path))
     lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -235,11 +235,11 @@ def _separate_calls(model, seen):
     host does under memory pressure), through the host's keyed calc_cond_batch wrapper."""
     import comfy.patcher_extension as pe
 
-    def one_at_a_time(executor, model_, conds, x_in, timestep, model_options):
+    def one_at_a_time(executor, model_, conds, x_in, timestep, model_options, *args, **kwargs):
         out = []
         for i in range(len(conds)):
             only = [c if j == i else None for j, c in enumerate(conds)]
-            out.append(executor(model_, only, x_in, timestep, model_options)[i])
+            out.append(executor(model_, only, x_in, timestep, model_options, *args, **kwargs)[i])
             seen.append(i)
         return out
 

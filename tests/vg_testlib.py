@@ -59,7 +59,8 @@ def file_identity(path: str) -> tuple[int, str]:
 
 
 def comfyui_path() -> str:
-    path = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".host", "ComfyUI")
+    """The host under test: COMFYUI_PATH, else the default one scripts/setup_host.sh builds."""
+    path = _runner.default_comfyui(REPO)
     if not os.path.isfile(os.path.join(path, "main.py")):
         pytest.exit(f"no ComfyUI host at {path}: run scripts/setup_host.sh (or `make test`)", returncode=3)
     return path
@@ -88,6 +89,7 @@ ComfyClient = _runner.ComfyClient
 PromptRejected = _runner.PromptRejected
 ExecutionFailed = _runner.ExecutionFailed
 stop_server = _runner.stop_server
+in_process_executor = _runner.in_process_executor
 
 
 def start_server(workdir, extra_args=(), timeout: float = 300) -> ComfyClient:

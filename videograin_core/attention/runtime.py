@@ -40,6 +40,7 @@ per sigma) is computed once and cached.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -49,7 +50,7 @@ from typing import Callable
 import torch
 
 from ..prompts.layout import Layout
-from .batch_layout import BatchLayout, published
+from .batch_layout import PUBLISHED_KEY, BatchLayout, published
 from .region_layout import SIZE_TERMS, RegionLayout, treg
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,35 @@ class Stage:
         return self
 
 
+def select_sequences(call: AttentionCall, sequences) -> AttentionCall:
+    """The call narrowed to some of its sequences (indices chunk * groups + group, in
+    order), for a stage's `around` that computes the other rows itself. Each kept sequence
+    becomes a chunk of its own (groups 1) of its chunk's branch, with `cond_or_uncond`,
+    `uuids` and the published layout narrowed to match, so the rest of the chain sees an
+    ordinary batch: frames still regroup per sequence, branches stay as they were."""
+    batch = call.batch
+    if batch is None:
+        raise ValueError("select_sequences: the call has no batch layout")
+    seqs = [int(s) for s in sequences]
+    frames, groups = batch.frames, batch.groups
+    rows = torch.cat([torch.arange(s * frames, (s + 1) * frames) for s in seqs]).to(call.q.device)
+    chunks = [s // groups for s in seqs]
+    layout = BatchLayout(tuple(batch.branches[c] for c in chunks), frames, 1)
+    extra = dict(call.extra_options)
+    for name in ("cond_or_uncond", "uuids"):
+        value = extra.get(name)
+        if isinstance(value, (list, tuple)) and len(value) == batch.chunks:
+            extra[name] = [value[c] for c in chunks]
+    extra[PUBLISHED_KEY] = layout
+    return dataclasses.replace(call, q=call.q[rows], k=call.k[rows], v=call.v[rows], extra_options=extra,
+                               batch=layout)
+
+
+def sequence_rows(batch: BatchLayout, sequences) -> torch.Tensor:
+    """Row indices of the given sequences (chunk * groups + group), in order."""
+    return torch.cat([torch.arange(s * batch.frames, (s + 1) * batch.frames) for s in sequences])
+
+
 def stages_of(extra_options: dict) -> tuple:
     return tuple(extra_options.get(STAGES_KEY) or ())
 
@@ -138,6 +168,13 @@ class PatchOptions:
         them): only full-frame attention can change an inversion, which never modulates;
         see STLayoutRuntime.videograin_fingerprint."""
         return {"full_frame_attention": bool(self.full_frame_attention)}
+
+def _passing_on(fn: AttnFn, args: tuple, kwargs: dict) -> AttnFn:
+    """fn, handed the arguments a host passed beyond (q, k, v, extra_options) on every call."""
+    if not args and not kwargs:
+        return fn
+    return lambda q, k, v, extra_options: fn(q, k, v, extra_options, *args, **kwargs)
+
 
 def grid_level(activations_shape, original_shape) -> int | None:
     """How many times the token grid was halved from the latent (0 = full resolution)."""
@@ -255,6 +292,25 @@ class STLayoutRuntime(StageRuntime):
         self._last_schedule = (object(), None)
         self._warned_batch = self._warned_bypass = False
 
+    @classmethod
+    def unmodulated(cls, host_attention: AttnFn, full_frame_attention: bool = True,
+                    frames_attention: AttnFn | None = None) -> "STLayoutRuntime":
+        """A runtime without a layout (a model the ST-Layout Patch did not prepare): the
+        kernel is the host's attention, over all frames of each sequence when
+        `full_frame_attention`; the stages run as on a patched model. Nothing is modulated."""
+        rt = cls.__new__(cls)
+        rt.layout = None
+        rt.options = PatchOptions(full_frame_attention=bool(full_frame_attention), self_strength=0.0,
+                                  cross_strength=0.0)
+        rt.host_attention = host_attention
+        rt.frames_attention = frames_attention or host_attention
+        rt.timestep_fn = None
+        rt.layout_attention = None
+        rt._grids, rt._steps, rt._by_frames = {}, {}, {}
+        rt._last_schedule = (object(), None)
+        rt._warned_batch = rt._warned_bypass = False
+        return rt
+
     def videograin_fingerprint(self) -> dict:
         """What an inversion through this patch depends on (the inversion cache key).
 
@@ -366,19 +422,22 @@ class STLayoutRuntime(StageRuntime):
         return self.step_weight(extra_options)
 
     def make_attn1(self, previous: AttnFn | None) -> AttnFn:
-        inner = previous or self.host_attention
-        frames_inner = previous or self.frames_attention  # a chained replace stays the kernel
+        host_inner = previous or self.host_attention
+        host_frames_inner = previous or self.frames_attention  # a chained replace stays the kernel
 
-        def attn1(q, k, v, extra_options):
+        def attn1(q, k, v, extra_options, *args, **kwargs):
+            # arguments a host passes beyond (q, k, v, extra_options) go on to the kernels
+            inner, frames_inner = _passing_on(host_inner, args, kwargs), _passing_on(host_frames_inner, args, kwargs)
             return self._pipeline("self", q, k, v, extra_options,
                                   lambda call: self.self_attention(call, inner, frames_inner, previous))
         attn1.videograin_runtime = self
         return attn1
 
     def make_attn2(self, previous: AttnFn | None) -> AttnFn:
-        inner = previous or self.host_attention
+        host_inner = previous or self.host_attention
 
-        def attn2(q, k, v, extra_options):
+        def attn2(q, k, v, extra_options, *args, **kwargs):
+            inner = _passing_on(host_inner, args, kwargs)
             return self._pipeline("cross", q, k, v, extra_options,
                                   lambda call: self.cross_attention(call, inner, previous))
         attn2.videograin_runtime = self
@@ -495,4 +554,5 @@ class STLayoutRuntime(StageRuntime):
         return out
 
 
-__all__ = ["PatchOptions", "StageRuntime", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]
+__all__ = ["PatchOptions", "StageRuntime", "STLayoutRuntime", "AttentionCall", "Stage", "STAGES_KEY", "with_stage",
+           "select_sequences", "sequence_rows", "treg", "grid_level", "SELF_BRANCHES", "SIZE_TERMS"]

@@ -10,8 +10,7 @@ This subpackage owns
 - `stage`    `P2PCrossStage`, the attn2 stage of the attention runtime for a stacked
              [source F; target F] batch.
 
-Still to come (a later phase): the P2P Sample node (the stacked two-branch guider with
-decoupled guidance, the source modes null-text / fast / direct), the self/temporal
-replacement stage, capturing the 16x16 maps and applying the local blend between steps,
-null-text inversion, and T2S tuning (frame attention, temporal attention).
+Built in the P2P Sample node (nodes/p2p_sample.py): `blend` (the per-run local-blend store), `sampler`
+(the stacked sampler function: source replay, blend), `P2PSelfStage`. Still to come: null-text
+inversion and T2S tuning (frame attention as a tuned module, temporal attention).
 """

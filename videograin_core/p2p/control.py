@@ -41,6 +41,10 @@ class P2PControl:
     parity_bug: bool = False
     source_prompt: str = ""
     target_prompt: str = ""
+    # digests of the encoded source / target conditionings (conditioning_digest), set by the
+    # P2P Control node after encoding: a sampler checks its wired conditionings against them
+    source_digest: str = ""
+    target_digest: str = ""
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False,
                                   hash=False)
@@ -139,6 +143,15 @@ class P2PControl:
                                   self.alphas_tensor(dev, dt), self.mode, alpha, self.equalizer_tensor(dev, dt))
 
 
+def conditioning_digest(cross_attn: torch.Tensor) -> str:
+    """sha256 of an encoded prompt (its cross_attn tensor: shape and float32 values)."""
+    import hashlib
+    t = cross_attn.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(repr(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def _plain(v):
     if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
@@ -206,4 +219,4 @@ def _blend_tokens(prompt: PromptTokens, text: str, name: str, prompt_name: str) 
     return tuple(out)
 
 
-__all__ = ["P2PControl", "build_control", "MODE_NAMES", "BLEND_START"]
+__all__ = ["P2PControl", "build_control", "conditioning_digest", "MODE_NAMES", "BLEND_START"]

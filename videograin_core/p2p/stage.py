@@ -3,18 +3,27 @@
 
 The sampler stacks the source and the target in one batch and announces two sequences per
 chunk, so the published layout of each attn2 call is chunks x [source F; target F]. On
-the cond chunks, inside the cross window, this stage recomputes the target rows: explicit
-float32 softmax probabilities of the source rows and of the target rows (a normal
-per-row softmax), `P2PControl.control_cross` on them, then probabilities @ v of the
-target rows. The source rows, the uncond chunks, every call outside the window and every
-batch that is not laid out in two groups keep the kernel's output.
+the cond chunks, inside the cross window (and, with a local blend, at every step on the
+16x16-equivalent layers), this stage computes the target rows itself in its `around`:
+explicit float32 softmax probabilities of the source rows and of the target rows (a normal
+per-row softmax), `P2PControl.control_cross` on them, then probabilities @ v of the target
+rows. The source rows and the uncond chunks go on to the rest of the chain (the kernel) as
+a narrowed call, so no row is attended twice. Every call outside the window and every
+batch that is not laid out in two groups is passed on whole.
 
-Cost. The runtime's `after` hook sees the kernel's finished output, so the kernel has
-already computed the target rows this stage overwrites: inside the window a cond chunk's
-target rows are attended twice (once by the kernel, thrown away), and the source and
-target probabilities are materialised ([frames, heads, query tokens, L] float32 each,
-computed a few frames at a time within PROBS_BUDGET elements). Outside the window the
-stage costs one schedule lookup per call.
+The local blend's maps (the source's own and the target's post-edit maps of the blend
+words) go into the run's `BlendStore`, found in the call's options (blend.STORE_KEY).
+
+`P2PSelfStage` (attn1): inside the self window, on token grids of at most 32x32, the
+target rows of the cond chunks attend with the source's queries and keys (so their
+self-attention maps are the source's, over whatever keys the kernel or a frame-attention
+stage uses) and their own values: image prompt-to-prompt's spatial self replacement,
+with no maps materialised. Video-P2P's temporal replacement needs the T2S model's
+temporal attention modules, which this pack does not build yet.
+
+Cost: the source and target probabilities of a cond chunk are materialised
+([frames, heads, query tokens, L] float32 each, a few frames at a time within
+PROBS_BUDGET elements). Outside the window the stage costs one schedule lookup per call.
 """
 from __future__ import annotations
 
@@ -22,7 +31,10 @@ import logging
 
 import torch
 
-from ..attention.runtime import AttentionCall, Stage
+import dataclasses
+
+from ..attention.runtime import AttentionCall, Stage, grid_level, select_sequences, sequence_rows
+from .blend import BLEND_LEVEL, STORE_KEY
 from .control import P2PControl
 
 log = logging.getLogger(__name__)
@@ -79,33 +91,43 @@ class P2PCrossStage(Stage):
             self._warned = True
             log.warning(msg, *args)
 
-    def after(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+    def around(self, call: AttentionCall, next) -> torch.Tensor:
         if call.kind != "cross":
-            return out
+            return next(call)
         batch = call.batch
         if batch is None or batch.groups != GROUPS:
-            return out
+            return next(call)
         cond = [c for c, b in enumerate(batch.branches) if b == 0]
         if not cond:
-            return out
+            return next(call)
         when = schedule_step(call.extra_options)
         if when is None:
-            return out
+            return next(call)
         step, steps = when
         ctl = self.control
-        if ctl.cross_alpha(step, steps) is None:
-            return out
+        store = call.extra_options.get(STORE_KEY)
+        act = call.extra_options.get("activations_shape")
+        blend_layer = (store is not None and act is not None
+                       and grid_level(act, call.extra_options.get("original_shape")) == BLEND_LEVEL
+                       and int(act[-2]) * int(act[-1]) == call.q.shape[1])
+        controlled = ctl.cross_alpha(step, steps) is not None
+        if not controlled and not blend_layer:
+            return next(call)
         q, k, v = call.q, call.k, call.v
         if k.shape[1] != ctl.token_count:
             self._warn_once("VideoGrain P2P: cross-attention got %d text tokens, the P2P control was built for %d "
                             "(wire the P2P Control node's conditionings unaltered); no cross-attention control",
                             k.shape[1], ctl.token_count)
-            return out
+            return next(call)
         heads = int(call.extra_options["n_heads"])
         frames, rpc = batch.frames, batch.rows_per_chunk
+        # the source rows and the uncond chunks: the rest of the chain
+        passed = [s for s in range(batch.sequences) if not (s // GROUPS in cond and s % GROUPS == 1)]
+        rest = next(select_sequences(call, passed))
+        out = rest.new_empty((q.shape[0],) + tuple(rest.shape[1:]))
+        out[sequence_rows(batch, passed).to(out.device)] = rest
         per_frame = 2 * heads * q.shape[1] * k.shape[1]
         block = max(1, min(frames, PROBS_BUDGET // max(1, per_frame)))
-        out = out.clone()  # the kernel's tensor may be shared with whatever produced it
         for c in cond:
             base = c * rpc
             for f0 in range(0, frames, block):
@@ -114,9 +136,49 @@ class P2PCrossStage(Stage):
                 tgt = slice(base + frames + f0, base + frames + f1)
                 p_src = attention_probs(q[src], k[src], heads)
                 p_tgt = attention_probs(q[tgt], k[tgt], heads)
-                p_new = ctl.control_cross(p_src, p_tgt, step, steps)
+                p_new = ctl.control_cross(p_src, p_tgt, step, steps) if controlled else None
+                if p_new is None:
+                    p_new = p_tgt
                 out[tgt] = apply_probs(p_new, v[tgt], heads).to(out.dtype)
+                if blend_layer:
+                    hw = (int(act[-2]), int(act[-1]))
+                    store.add_frames("source", p_src, hw, f0, frames)
+                    store.add_frames("target", p_new, hw, f0, frames)
         return out
 
 
-__all__ = ["P2PCrossStage", "schedule_step", "attention_probs", "apply_probs", "GROUPS", "PROBS_BUDGET"]
+class P2PSelfStage(Stage):
+    """attn1 stage: spatial self-attention replacement inside the control's self window
+    (see the module docstring)."""
+
+    MAX_TOKENS = 32 * 32
+
+    def __init__(self, control: P2PControl):
+        if not isinstance(control, P2PControl):
+            raise ValueError("p2p: expected a VIDEOGRAIN_P2P control from VideoGrain P2P Control")
+        self.control = control
+
+    def videograin_fingerprint(self) -> dict:
+        return {"p2p_self_stage": 1, "self_window": list(self.control.self_window)}
+
+    def around(self, call: AttentionCall, next) -> torch.Tensor:
+        batch = call.batch
+        if (call.kind != "self" or batch is None or batch.groups != GROUPS or call.q.shape[1] > self.MAX_TOKENS
+                or call.k.shape[1] != call.q.shape[1]):
+            return next(call)
+        cond = [c for c, b in enumerate(batch.branches) if b == 0]
+        when = schedule_step(call.extra_options)
+        if not cond or when is None or not self.control.self_active(*when):
+            return next(call)
+        q, k = call.q.clone(), call.k.clone()
+        frames, rpc = batch.frames, batch.rows_per_chunk
+        for c in cond:
+            src = slice(c * rpc, c * rpc + frames)
+            tgt = slice(c * rpc + frames, (c + 1) * rpc)
+            q[tgt] = call.q[src]
+            k[tgt] = call.k[src]
+        return next(dataclasses.replace(call, q=q, k=k))
+
+
+__all__ = ["P2PCrossStage", "P2PSelfStage", "schedule_step", "attention_probs", "apply_probs", "GROUPS",
+           "PROBS_BUDGET"]

@@ -17,6 +17,11 @@ current sigma. Inversion walks the same schedule upwards, in one of two schemes
 
 Both run through the host's sampler machinery (its `model(x, sigma)` returns the denoised
 x0), so ControlNet, cfg and attention patches apply as in any sampler.
+
+`call_options(k, model_options)` (optional, every sampler here): the model options for the
+UNet call that evaluates the schedule's sigma number k (inversion: k indexes the ascending
+schedule; sampling: the descending one, i.e. the step), or None for the run's own. PnP
+feature injection tags the calls it records or injects with it.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class Inversion:
     steps: int
     source: torch.Tensor      # the source latent, LATENT space
     scheme: str = "official"  # the inversion scheme that made it (INVERSION_SCHEMES)
+    features: object = None   # PnP: a pnp.bank.FeatureBank recorded during this inversion, or None
 
     def __post_init__(self):
         if self.scheme not in INVERSION_SCHEMES:
@@ -55,8 +61,17 @@ def _to_cpu(x):
     return x.detach().to("cpu", torch.float32, copy=True)
 
 
+def _args_for(extra_args: dict, call_options, k: int) -> dict:
+    """extra_args with the model options `call_options` gives for call k (see the module docstring)."""
+    if call_options is None:
+        return extra_args
+    options = call_options(k, extra_args.get("model_options", {}))
+    return extra_args if options is None else {**extra_args, "model_options": options}
+
+
 @torch.no_grad()
-def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None):
+def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
+                          call_options=None):
     """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max), the next-step scheme.
 
     x_{i+1} = x_i + (s_{i+1} - s_i) * eps(x_i, s_{i+1}). The model is handed x_i as the
@@ -71,7 +86,7 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x_in = x * ((1 + sigma_next ** 2) / (1 + sigma ** 2)) ** 0.5
-        denoised = model(x_in, sigma_next * s_in, **extra_args)
+        denoised = model(x_in, sigma_next * s_in, **_args_for(extra_args, call_options, i + 1))
         eps = (x_in - denoised) / sigma_next
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
@@ -82,14 +97,17 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
 
 
 @torch.no_grad()
-def sample_ddim_inversion_official(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None):
+def sample_ddim_inversion_official(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
+                                   call_options=None, top_call=False):
     """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max), the official scheme.
 
     x_1 = x0 * sqrt(1 + s_1^2) (the clean latent as the diffusers latent at s_1), then
     x_{i+1} = x_i + (s_{i+1} - s_i) * eps(x_i, s_i) for i = 1 .. steps - 1: each UNet call
     at the latent's own level. `trajectory` (a list) receives x at every sigma, on the
     CPU: x0 itself at sigma 0, then x_1 .. x_max. Callbacks report i = 1 .. steps - 1
-    (the move from 0 to s_1 costs no UNet call)."""
+    (the move from 0 to s_1 costs no UNet call). `top_call`: one more UNet call, on the
+    inverted latent at the top sigma (k = steps), whose output is not used: it exists for
+    what `call_options` records there (PnP's aligned records)."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     if trajectory is not None:
@@ -99,13 +117,15 @@ def sample_ddim_inversion_official(model, x, sigmas, extra_args=None, callback=N
         trajectory.append(_to_cpu(x))
     for i in range(1, len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
+        denoised = model(x, sigma * s_in, **_args_for(extra_args, call_options, i))
         eps = (x - denoised) / sigma
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         x = x + (sigma_next - sigma) * eps
         if trajectory is not None:
             trajectory.append(_to_cpu(x))
+    if top_call:
+        model(x, sigmas[-1] * s_in, **_args_for(extra_args, call_options, len(sigmas) - 1))
     return x
 
 
@@ -117,7 +137,8 @@ def inversion_sampler(scheme: str):
 
 
 @torch.no_grad()
-def sample_ddim_blend(model, x, sigmas, extra_args=None, callback=None, disable=None, mask=None, reference=None):
+def sample_ddim_blend(model, x, sigmas, extra_args=None, callback=None, disable=None, mask=None, reference=None,
+                      call_options=None):
     """DDIM (eta 0) along descending `sigmas`, blending after every step:
     x = x * mask + reference(i + 1) * (1 - mask), reference(j) = a latent at sigmas[j].
 
@@ -130,7 +151,7 @@ def sample_ddim_blend(model, x, sigmas, extra_args=None, callback=None, disable=
     if blend:
         mask = mask.to(x)
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised = model(x, sigmas[i] * s_in, **_args_for(extra_args, call_options, i))
         eps = (x - denoised) / sigmas[i]
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})

