@@ -199,8 +199,8 @@ def test_capture_through_the_bare_runtime_changes_nothing():
     rec = AttentionRecorder(spec())
     seen = []
 
-    def kernel(q, k, v, extra):
-        seen.append(q.shape)
+    def kernel(q, k, v, extra, *args, **kwargs):
+        seen.append((q.shape, args, kwargs))
         return q * 2
 
     rt = StageRuntime(kernel)
@@ -216,6 +216,10 @@ def test_capture_through_the_bare_runtime_changes_nothing():
     got = rec.take_for(torch.ones(7)).cross_maps()["car"]
     assert torch.allclose(got.reshape(FRAMES, -1).double(), want, atol=1e-6)
     assert attn2.videograin_runtime is rt and attn2.videograin_previous is None
+    # arguments a later host passes beyond (q, k, v, extra_options) go on to the kernel
+    seen.clear()
+    assert torch.equal(attn2(c.q, c.k, c.v, extra, "positional", new_option=7), c.q * 2)
+    assert seen == [(c.q.shape, ("positional",), {"new_option": 7})]
 
 
 def test_spec_and_level_checks():

@@ -255,9 +255,11 @@ class StageRuntime:
         return self._bare("cross", previous)
 
     def _bare(self, kind: str, previous: AttnFn | None) -> AttnFn:
-        inner = previous or self.host_attention
+        host_inner = previous or self.host_attention
 
-        def attn(q, k, v, extra_options):
+        def attn(q, k, v, extra_options, *args, **kwargs):
+            # arguments a host passes beyond (q, k, v, extra_options) go on to the kernel
+            inner = _passing_on(host_inner, args, kwargs)
             return self._pipeline(kind, q, k, v, extra_options,
                                   lambda call: inner(call.q, call.k, call.v, call.extra_options))
         attn.videograin_runtime = self
