@@ -25,6 +25,8 @@ bench:
 	  $$HOST_PYTHON bench/trajectory_attention.py && \
 	  $$HOST_PYTHON bench/gpu_memory.py --frames 16 30 64 && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/pnp.py && \
+	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/metrics.py && \
+	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/capture.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/edit.py $(BENCH_EDIT_ARGS)
 
 clean-host:
