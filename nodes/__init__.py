@@ -24,6 +24,7 @@ _MODULES = (
     "save_video",           # VideoGrainSaveVideo
     "p2p_control",          # VideoGrainP2PControl (Video-P2P prompt pair -> conditionings + control)
     "p2p_sample",           # VideoGrainP2PSample (the Video-P2P edit: source and target in one run)
+    "t2s_tune",             # VideoGrainT2STune, VideoGrainT2SLoad (Video-P2P's optional tuning stage)
     "metrics",              # VideoGrainMetrics: CLIP-T, CLIP-F, Warp-Err, Q-edit
     "attention_capture",    # VideoGrainAttentionCapture
     "attention_view",       # VideoGrainAttentionView
