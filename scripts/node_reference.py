@@ -37,6 +37,8 @@ def _range(i) -> str:
     depends on what the input folder holds where the docs are made)."""
     if getattr(i, "upload", None) is not None:
         return "a file in the input folder (with upload)"
+    if getattr(i, "videograin_file_folder", None):
+        return f"a file in {i.videograin_file_folder}"
     options = getattr(i, "options", None)
     if options:
         return ", ".join(str(o) for o in options)
