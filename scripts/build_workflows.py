@@ -57,6 +57,12 @@ NOTES = {
         "(MaskComposite subtract) and gets the new part; the rest of the person, the other "
         "person and the background get prompts that describe the source, so only the head "
         "changes."),
+    "video_p2p_tuned": (
+        "Video-P2P with its optional T2S tuning: T2S Tune tunes the attention queries and a "
+        "temporal attention on this clip (source prompt, VAE-encoded frames) and saves the "
+        "result to output/videograin_t2s/ (T2S Load puts it back on the model later). The "
+        "tuned model inverts and edits, with frame attention 'first frame' as it was tuned. "
+        "30 steps keep the example short; the paper tunes 300-500 (a GPU is advised)."),
 }
 
 BUILD_JS = """async ([api, name, note]) => {

@@ -44,6 +44,8 @@ def _for_test(prompt: dict, test_models) -> dict:
             inp.update(frame_load_cap=FRAMES, size=SIZE)
         elif t == "VideoGrainDDIMInvert":
             inp["steps"] = STEPS
+        elif t == "VideoGrainT2STune":
+            inp["steps"] = STEPS
     return prompt
 
 
@@ -66,7 +68,7 @@ def test_workflow_set_is_complete():
         assert ui_nodes == {k: v["class_type"] for k, v in api.items()}
         types = set(ui_nodes.values())
         allowed_core = {"CheckpointLoaderSimple", "CLIPTextEncode", "MaskComposite", "Canny", "ControlNetLoader",
-                        "ControlNetApplyAdvanced"}
+                        "ControlNetApplyAdvanced", "VAEEncode"}
         assert all(t.startswith("VideoGrain") or t in allowed_core for t in types), types
 
 
