@@ -67,9 +67,8 @@ def main():
     nodes, pack = host(os.path.abspath(a.comfyui), cpu=not a.gpu)
     from importlib import import_module
     tune_node = import_module(pack + ".nodes.t2s_tune")
-    core = import_module(pack + ".videograin_core.tuning")
-    import_module(pack + ".videograin_core.tuning.tune")
-    import_module(pack + ".videograin_core.tuning.weights")
+    tune_mod = import_module(pack + ".videograin_core.tuning.tune")
+    weights_mod = import_module(pack + ".videograin_core.tuning.weights")
     import comfy.model_management as mm
     import comfy.sd
     path = a.checkpoint
@@ -133,8 +132,6 @@ def main():
 
     # ---- tuning
     specs = tune_node.block_specs(model.model.diffusion_model)
-    weights_mod = sys.modules[pack + ".videograin_core.tuning.weights"]
-    tune_mod = sys.modules[pack + ".videograin_core.tuning.tune"]
     with torch.inference_mode(False):
         weights = weights_mod.T2SWeights(specs, seed=0)
     estimate = tune_node.estimate_bytes(model, tuple(latent.shape), weights)
@@ -156,7 +153,6 @@ def main():
     print(f"\nwhole run {total:.2f} s for {a.steps} steps; tuned parameters {weights.parameter_count() / 1e6:.2f} M; "
           f"the node's memory estimate {estimate / MIB:.0f} MiB (measured peak above the start: {tune_m / MIB:.0f} MiB); "
           f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    _ = core
 
 
 if __name__ == "__main__":
