@@ -102,6 +102,32 @@ def test_temporal_attention_matches_a_float64_reference(env):
     assert torch.equal(m(x2, 2, FRAMES)[:FRAMES], m(x, 2, FRAMES)[:FRAMES])
 
 
+def test_the_temporal_patch_reads_the_published_batch_layout(env):
+    T = env["pack"].temporal
+    BL = __import__(T.__name__.rsplit(".", 2)[0] + ".attention.batch_layout", fromlist=["x"])
+    # P2P Sample's stacked batch: 2 chunks (cond, uncond) x 2 sequences (source, target) x F frames
+    layout = BL.BatchLayout((0, 1), FRAMES, 2)
+    got = T.call_layout(4 * FRAMES, {BL.PUBLISHED_KEY: layout, "cond_or_uncond": [0, 1]})
+    assert got is layout and got.sequences == 4
+    # no publisher (a core KSampler): one sequence per cond_or_uncond entry
+    got = T.call_layout(2 * FRAMES, {"cond_or_uncond": [0, 1]})
+    assert (got.sequences, got.frames) == (2, FRAMES)
+    assert T.call_layout(5, {"cond_or_uncond": [0, 1]}) is None
+    # a batch it cannot split runs without temporal attention (the block's output as it was)
+    m = T.TemporalAttention(8, 2, 4)
+    with torch.no_grad():
+        m.to_out.weight.fill_(1.0)
+    patch = T.TemporalBlockPatch(lambda x, context=None, transformer_options=None: x * 2, m, "b")
+    x = torch.randn(5, 3, 8)
+    assert torch.equal(patch(x, transformer_options={"cond_or_uncond": [0, 1]}), x * 2)
+    assert not torch.equal(patch(x[:4], transformer_options={"cond_or_uncond": [0, 1]}), x[:4] * 2)
+    # frozen weights are copied to a device once, and a change of the weights is seen
+    a = patch(x[:4], transformer_options={"cond_or_uncond": [0, 1]})
+    with torch.no_grad():
+        m.to_out.bias.fill_(1.0)
+    assert torch.allclose(patch(x[:4], transformer_options={"cond_or_uncond": [0, 1]}), a + 1)
+
+
 # ---------------------------------------------------------------- through the host
 def test_zero_steps_leave_the_model_unchanged_bit_for_bit(env):
     tuned = tune(env, steps=0)

@@ -43,7 +43,7 @@ class TemporalAttention(torch.nn.Module):
         rows, tokens, c = x.shape
         if rows != sequences * frames:
             raise ValueError(f"temporal attention: {rows} rows are not {sequences} sequences of {frames} frames")
-        p = {name: t.to(device=x.device, dtype=torch.float32) for name, t in self.named_parameters()}
+        p = self._params_on(x.device)
         h = F.layer_norm(x.float(), (c,), p["norm.weight"], p["norm.bias"], self.norm.eps)
         # [S, F, L, C] -> [S * L, F, C]: each token of each sequence over its frames
         h = h.reshape(sequences, frames, tokens, c).transpose(1, 2).reshape(sequences * tokens, frames, c)
@@ -59,6 +59,21 @@ class TemporalAttention(torch.nn.Module):
         out = F.linear(a, p["to_out.weight"], p["to_out.bias"])
         out = out.reshape(sequences, tokens, frames, c).transpose(1, 2).reshape(rows, tokens, c)
         return out.to(x.dtype)
+
+    def _params_on(self, device) -> dict:
+        """The parameters on `device` in float32. Frozen weights (a tuned model sampling) are
+        copied to a device once, not per call; while training they are used as they are."""
+        params = dict(self.named_parameters())
+        if any(t.requires_grad for t in params.values()) and torch.is_grad_enabled():
+            return {k: t.to(device=device, dtype=torch.float32) for k, t in params.items()}
+        # (inference tensors keep no version counter; nothing changes them in place)
+        key = (str(device), tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in params.values()))
+        cache = self.__dict__.get("_device_copy")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                copy = {k: t.detach().to(device=device, dtype=torch.float32) for k, t in params.items()}
+            self.__dict__["_device_copy"] = cache = (key, copy)
+        return cache[1]
 
     def forward(self, x: torch.Tensor, sequences: int, frames: int) -> torch.Tensor:
         return x + self.residual(x, sequences, frames)
