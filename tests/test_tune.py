@@ -239,3 +239,35 @@ def test_bad_files_are_refused(env):
         with pytest.raises(ValueError, match=match):
             with torch.inference_mode():
                 load.execute(model=env["model"], tuned=name)
+
+
+def test_p2p_sample_on_the_tuned_model_keeps_the_branches_apart(env, monkeypatch):
+    """Inverted and edited by P2P Sample, the tuned model's temporal attention sees each
+    branch (source, target) of each chunk as its own clip."""
+    import comfy.sd
+    cls, T = env["cls"], env["pack"].temporal
+    tuned = tune(env, steps=1, learning_rate=1e-3)
+    with torch.inference_mode():
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(env["host"].folder_paths.get_full_path(
+            "checkpoints", "videograin_test_small.safetensors"), output_vae=False, output_clipvision=False)
+        src, tgt, p2p = _args(cls["VideoGrainP2PControl"].execute(
+            clip=clip, source_prompt=PROMPT, target_prompt=PROMPT.replace("rabbit", "tiger"), mode="word swap",
+            cross_replace=0.2, self_replace=0.5, reweight="", blend_source_word="", blend_target_word="",
+            blend_threshold=0.3, parity_bug=False))
+        _, inv = _args(cls["VideoGrainDDIMInvert"].execute(model=tuned, conditioning=src, steps=2, cfg=1.0,
+                                                           use_cache=False, latent=env["latent"], scheme="next-step"))
+    seen = []
+    real = T.call_layout
+
+    def spy(rows, options):
+        layout = real(rows, options)
+        seen.append((rows, layout))
+        return layout
+    monkeypatch.setattr(T, "call_layout", spy)
+    with torch.inference_mode():
+        target, source = _args(cls["VideoGrainP2PSample"].execute(
+            model=tuned, source=src, target=tgt, p2p=p2p, negative=env["negative"], inversion=inv, cfg=7.5,
+            source_mode="direct", frame_attention="first frame"))
+    assert seen and all(layout is not None and layout.frames == FRAMES and layout.sequences == rows // FRAMES
+                        and layout.groups == 2 for rows, layout in seen), seen[:3]
+    assert torch.isfinite(target["samples"]).all() and target["samples"].shape == env["latent"]["samples"].shape
