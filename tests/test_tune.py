@@ -271,3 +271,27 @@ def test_p2p_sample_on_the_tuned_model_keeps_the_branches_apart(env, monkeypatch
     assert seen and all(layout is not None and layout.frames == FRAMES and layout.sequences == rows // FRAMES
                         and layout.groups == 2 for rows, layout in seen), seen[:3]
     assert torch.isfinite(target["samples"]).all() and target["samples"].shape == env["latent"]["samples"].shape
+
+
+def test_a_bad_input_fails_the_prompt_with_the_message(env, test_models):
+    """Through the host's executor (an API prompt): the node's refusal is the prompt's error."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": test_models.small_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "4": {"class_type": "VideoGrainT2STune", "inputs": {"model": ["1", 0], "latent": ["3", 0],
+                                                            "conditioning": ["2", 0], "steps": 1,
+                                                            "learning_rate": 3e-5, "seed": 0,
+                                                            "filename_prefix": "../../escape"}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["2", 0], "negative": ["2", 0],
+                                                   "latent_image": ["3", 0], "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "vg_t2s_test"}},
+    }
+    ex = env["host"].run(prompt)
+    assert not ex.success
+    errors = [m for m in ex.status_messages if m[0] == "execution_error"]
+    assert errors and errors[0][1]["node_type"] == "VideoGrainT2STune", ex.status_messages
+    assert errors[0][1]["exception_message"].startswith("filename_prefix: '../../escape' does not name a file"), \
+        errors[0][1]["exception_message"]
