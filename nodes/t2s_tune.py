@@ -165,7 +165,11 @@ def check_memory(model, shape, weights: T2SWeights) -> None:
 
 # ---------------------------------------------------------------- the run
 def _eps_fn(tm, text: torch.Tensor, frames: int):
-    base = tm.model_options.get("transformer_options", {})
+    import comfy.patcher_extension
+    base = dict(tm.model_options.get("transformer_options", {}))
+    # the model's wrappers run as in sampling (the pack's batch layout publisher among them,
+    # which the frame-pooled norms of an ST-Layout patched model read)
+    base["wrappers"] = comfy.patcher_extension.copy_nested_dicts(tm.wrappers)
     ctx = text.expand(frames, -1, -1) if text.shape[0] == 1 else text
 
     def eps(x, sigma):

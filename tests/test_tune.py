@@ -295,3 +295,19 @@ def test_a_bad_input_fails_the_prompt_with_the_message(env, test_models):
     assert errors and errors[0][1]["node_type"] == "VideoGrainT2STune", ex.status_messages
     assert errors[0][1]["exception_message"].startswith("filename_prefix: '../../escape' does not name a file"), \
         errors[0][1]["exception_message"]
+
+
+def test_the_models_wrappers_run_while_tuning(env):
+    """The loop calls the UNet as sampling does: DIFFUSION_MODEL wrappers (the pack's batch
+    layout publisher, which frame-pooled norms read) run, and see the clip as one sequence."""
+    import comfy.patcher_extension
+    seen = []
+
+    def spy(executor, x, *args, **kwargs):
+        options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+        seen.append((x.shape[0], list(options.get("cond_or_uncond", []))))
+        return executor(x, *args, **kwargs)
+    m = env["model"].clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "t2s_test_spy", spy)
+    tune(env, model=m, steps=1)
+    assert seen == [(FRAMES, [0])], seen
