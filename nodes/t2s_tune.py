@@ -191,6 +191,14 @@ class _Session:
         self.hooks = []
 
     def __enter__(self):
+        try:
+            return self._enter()
+        except BaseException:
+            self.__exit__(None, None, None)  # undo what was set up before the failure
+            raise
+
+    def _enter(self):
+        self._escape = None
         tm = self.tm = training_model(self.model, self.weights)
         comfy.model_management.load_models_gpu([tm], memory_required=0, force_full_load=True)
         device = self.device = tm.load_device
@@ -199,8 +207,9 @@ class _Session:
         for key in self.weights.q_deltas:
             mod = dm.get_submodule(key)
             self.hooks.append(mod.register_forward_hook(self._q_hook(key)))
-        self._escape = inference_escape(dm)
-        self._escape.__enter__()
+        escape = inference_escape(dm)
+        escape.__enter__()
+        self._escape = escape
         frames = self.samples.shape[0]
         self.latent = tm.model.process_latent_in(self.samples.to(device, torch.float32)).float()
         self.sigma_table = tm.get_model_object("model_sampling").sigmas.detach().float().clone()
@@ -220,7 +229,9 @@ class _Session:
             h.remove()
         self.hooks = []
         try:
-            self._escape.__exit__(*exc)
+            if getattr(self, "_escape", None) is not None:
+                self._escape.__exit__(*exc)
+                self._escape = None
         finally:
             self.weights.frozen()
         return False

@@ -311,3 +311,16 @@ def test_the_models_wrappers_run_while_tuning(env):
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "t2s_test_spy", spy)
     tune(env, model=m, steps=1)
     assert seen == [(FRAMES, [0])], seen
+
+
+def test_a_failure_while_setting_up_restores_the_model(env, monkeypatch):
+    node = env["pack"].node
+
+    def broken(*a, **k):
+        raise RuntimeError("set-up failed")
+    monkeypatch.setattr(node, "_eps_fn", broken)
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        tune(env, steps=1)
+    dm = env["model"].model.diffusion_model
+    assert all(p.is_inference() for p in dm.parameters())
+    assert not any(m._forward_hooks for m in dm.modules())
