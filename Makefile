@@ -27,6 +27,7 @@ bench:
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/pnp.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/metrics.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/capture.py && \
+	  $$HOST_PYTHON bench/kmeans.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/edit.py $(BENCH_EDIT_ARGS)
 
 clean-host:
