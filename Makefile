@@ -28,6 +28,7 @@ bench:
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/metrics.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/capture.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/tune.py && \
+	  $$HOST_PYTHON bench/kmeans.py && \
 	  COMFYUI_PATH="$$COMFYUI_PATH" $$HOST_PYTHON bench/edit.py $(BENCH_EDIT_ARGS)
 
 clean-host:

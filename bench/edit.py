@@ -14,6 +14,12 @@ imports the host in-process and executes the API workflow with the host's execut
   (e) (c) without trajectory attention (the ST-Layout patch alone)
   (f) (c) with PnP feature injection for the first steps // 5 steps (recorded by the
       inversion, injected by Sample), as about half the reference's configs do
+Video-P2P (the video_p2p_word_swap workflow: next-step inversion, no masks):
+  (g) a plain edit of the same clip: VideoGrain Sample of the target prompt from the
+      inversion, no attention control, no blend (one branch)
+  (p) the P2P edit, source mode direct (source and target branches in one run)
+  (q) the P2P edit, source mode fast
+  (n) the P2P edit, source mode null-text (the shared null embedding optimised per step)
 The edits of (c) and (e) are saved as PNG frames with the source frames, and their
 Warp-Err (videograin_core.metrics.warp_error: the source's DIS flow, forward-backward
 occlusion check, mean absolute difference on [0, 1], x100 as the paper reports) is
@@ -42,7 +48,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.append(os.path.join(REPO, "scripts"))
 import comfy_runner  # noqa: E402
-TIMED_NODES = ("VideoGrainFlowTrajectories", "VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
+TIMED_NODES = ("VideoGrainFlowTrajectories", "VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainP2PSample",
+               "VideoGrainDecode")
+VARIANTS = "abcdefgpqn"
 
 
 def looped_sample_clip(input_dir: str, frames: int) -> None:
@@ -78,8 +86,12 @@ def looped_sample_clip(input_dir: str, frames: int) -> None:
             shutil.copyfile(files[i], os.path.join(dst, f"{j:05d}.png"))
 
 
-def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) -> dict:
-    with open(os.path.join(REPO, "example_workflows", "api", "instance_level_edit.json")) as f:
+P2P_VARIANTS = {"p": "direct", "q": "fast", "n": "null-text"}
+
+
+def shipped_workflow(name: str, frames: int, size: int, steps: int, ckpt: str) -> dict:
+    """A shipped API workflow at the bench's checkpoint, frame count, size and steps."""
+    with open(os.path.join(REPO, "example_workflows", "api", name + ".json")) as f:
         prompt = json.load(f)
     for node in prompt.values():
         t, inp = node["class_type"], node["inputs"]
@@ -89,7 +101,33 @@ def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) ->
             inp.update(frame_load_cap=frames, size=size)
         elif t == "VideoGrainDDIMInvert":
             inp["steps"] = steps
-        elif t == "VideoGrainSTLayoutPatch" and variant == "b":
+    return prompt
+
+
+def build_p2p_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) -> dict:
+    prompt = shipped_workflow("video_p2p_word_swap", frames, size, steps, ckpt)
+    ids = {node["class_type"]: k for k, node in prompt.items()}
+    for node in prompt.values():
+        t, inp = node["class_type"], node["inputs"]
+        if t == "VideoGrainDDIMInvert":
+            inp["use_cache"] = False  # every variant pays its inversion
+        elif t == "VideoGrainP2PSample" and variant in P2P_VARIANTS:
+            inp["source_mode"] = P2P_VARIANTS[variant]
+    if variant == "g":
+        p2p = prompt[ids["VideoGrainP2PSample"]]["inputs"]
+        prompt[ids["VideoGrainP2PSample"]] = {"class_type": "VideoGrainSample", "inputs": {
+            "model": p2p["model"], "positive": p2p["target"], "negative": p2p["negative"],
+            "inversion": p2p["inversion"], "cfg": p2p["cfg"], "blend": "off", "seed": 0, "inject_step": 0}}
+    return prompt
+
+
+def build_prompt(variant: str, frames: int, size: int, steps: int, ckpt: str) -> dict:
+    if variant in "gpqn":
+        return build_p2p_prompt(variant, frames, size, steps, ckpt)
+    prompt = shipped_workflow("instance_level_edit", frames, size, steps, ckpt)
+    for node in prompt.values():
+        t, inp = node["class_type"], node["inputs"]
+        if t == "VideoGrainSTLayoutPatch" and variant == "b":
             inp.update(self_strength=0.0, cross_strength=0.0)
         elif t == "VideoGrainLayoutConditioning" and variant == "d":
             # a new edit of the same clip: other local prompts, same source
@@ -216,6 +254,27 @@ def child(a) -> None:
                                   "base_rss_mib": base_rss / 1024, "warp_err_x100": warp, **gpu}), flush=True)
 
 
+def ratios(res: dict, frames) -> None:
+    """The targets' ratios among whichever variants ran (times are the timed nodes)."""
+    pairs = [("c", "e", "trajectory attention on / off (target <= 1.3)"),
+             ("f", "e", "trajectories + PnP / neither (target <= 1.3)"),
+             ("p", "g", "P2P edit (direct) / plain edit"), ("q", "g", "P2P edit (fast) / plain edit"),
+             ("n", "g", "P2P edit (null-text) / plain edit")]
+    for f in frames:
+        for x, y, what in pairs:
+            if (x, f) in res and (y, f) in res:
+                rx, ry = res[(x, f)], res[(y, f)]
+                print(f"  F={f:3d} ({x})/({y}) {rx['timed_s'] / ry['timed_s']:.2f}x time, peak RSS over models "
+                      f"{rx['peak_rss_mib'] - rx['base_rss_mib']:.0f} / {ry['peak_rss_mib'] - ry['base_rss_mib']:.0f} "
+                      f"MiB: {what}")
+        if ("n", f) in res and ("p", f) in res:
+            inv = res[("p", f)]["nodes_s"].get("VideoGrainDDIMInvert", 0.0)
+            extra = res[("n", f)]["nodes_s"].get("VideoGrainP2PSample", 0.0) - res[("p", f)]["nodes_s"].get(
+                "VideoGrainP2PSample", 0.0)
+            print(f"  F={f:3d} null-text optimisation {extra:.1f} s (P2P Sample null-text - direct) vs plain DDIM "
+                  f"inversion {inv:.1f} s: {extra / max(inv, 1e-9):.1f}x")
+
+
 def measure(a, variant: str, frames: int, workdir: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--frames", str(frames), "--size", str(a.size),
            "--steps", str(a.steps), "--comfyui", a.comfyui, "--workdir", workdir, "--ckpt", a.ckpt] + (
@@ -236,7 +295,7 @@ def main():
     ap.add_argument("--comfyui", default=comfy_runner.default_comfyui(REPO))
     ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
     ap.add_argument("--gpu", action="store_true", help="run on the CUDA GPU (the host's default precision: fp16)")
-    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list("abcdef"))
+    ap.add_argument("--variants", nargs="+", default=list("abcde"), choices=list(VARIANTS))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -258,7 +317,7 @@ def main():
     res = {}
     for f in a.frames:
         with tempfile.TemporaryDirectory(prefix="vg-bench-") as wd:
-            for v in [v for v in "abcdef" if v in a.variants]:
+            for v in [v for v in VARIANTS if v in a.variants]:
                 # each variant its own folders (b's inversion would be a hit for c), except
                 # d, which shares c's: d is the second edit and hits c's cache
                 r = measure(a, v, f, os.path.join(wd, "c" if v == "d" else v))
@@ -272,6 +331,7 @@ def main():
                       f"(+{r['peak_rss_mib'] - r['base_rss_mib']:.0f} over models)  {json.dumps({k: round(x, 2) for k, x in r['nodes_s'].items()})}",
                       flush=True)
     print()
+    ratios(res, a.frames)
     if set(a.variants) != set("abcde"):
         return  # the tables compare all five
     print("| frames | (a) per-frame | (b) full-frame | (c) as shipped | (d) cached inversion | (e) no trajectories | (c)/(e) time | (d)/(c) time | (c) peak RSS | (c) RSS over models | (e) RSS over models | Warp-Err x100 (c) / (e) |")

@@ -68,8 +68,8 @@ def main():
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with torch.inference_mode():
         t0 = time.perf_counter()
-        (clip_vision,) = nodes.CLIPVisionLoader().load_clip(name)
-        (clip,) = nodes.CLIPLoader().load_clip(name, type="stable_diffusion")
+        loader = sys.modules[pack.__name__.rsplit(".", 1)[0] + ".metrics_clip"]
+        metrics_clip = loader.load_metrics_clip(name)
         load_s = time.perf_counter() - t0
         source = sample_frames(a.frames, a.size)
         edited = (source * torch.tensor([0.8, 1.0, 1.1])).clamp(0, 1)
@@ -78,15 +78,15 @@ def main():
         runs = []
         for _ in range(a.repeats):
             t = time.perf_counter()
-            out = metrics_cls.execute(edited, source, prompt, clip_vision, clip)
+            out = metrics_cls.execute(edited, source, prompt, metrics_clip)
             runs.append(time.perf_counter() - t)
         # the parts, as the node runs them (after the node's runs: warm, as a second run is)
         parts = {}
         t = time.perf_counter()
-        text = pack.text_embedding(clip, prompt)
+        text = pack.text_embedding(metrics_clip, prompt)
         parts["text"] = time.perf_counter() - t
         t = time.perf_counter()
-        clip_vision.encode_image(edited, crop=True)["image_embeds"]
+        metrics_clip.vision.encode_image(edited, crop=True)["image_embeds"]
         parts["images"] = time.perf_counter() - t
         from_flow = sys.modules[pack.__name__.rsplit(".nodes.", 1)[0] + ".videograin_core.trajectories.flow"]
         t = time.perf_counter()

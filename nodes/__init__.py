@@ -25,6 +25,7 @@ _MODULES = (
     "p2p_control",          # VideoGrainP2PControl (Video-P2P prompt pair -> conditionings + control)
     "p2p_sample",           # VideoGrainP2PSample (the Video-P2P edit: source and target in one run)
     "t2s_tune",             # VideoGrainT2STune, VideoGrainT2SLoad (Video-P2P's optional tuning stage)
+    "metrics_clip",         # VideoGrainMetricsCLIPLoader: the CLIP the metrics score with
     "metrics",              # VideoGrainMetrics: CLIP-T, CLIP-F, Warp-Err, Q-edit
     "attention_capture",    # VideoGrainAttentionCapture
     "attention_view",       # VideoGrainAttentionView

@@ -1,14 +1,12 @@
 """VideoGrainMetrics: CLIP-T, CLIP-F, Warp-Err and Q-edit of an edit (METHOD.md section 11;
-formulas in videograin_core.metrics.clip_scores), with the host's CLIP models.
+formulas in videograin_core.metrics.clip_scores), with the CLIP of VideoGrain Metrics CLIP
+Loader (nodes/metrics_clip.py, which checks the file holds both projections).
 
 Embeddings in CLIP's joint image-text space:
 - image: the CLIP_VISION model's `image_embeds` (its visual projection of the pooled
   output; the host resizes the short side to 224 and centre-crops);
 - text: the CLIP text encoder's pooled output (final-layer-norm EOS token, which the host
-  returns with return_pooled="unprojected") times that encoder's `text_projection`. The
-  host's SD1.5 text model returns the pooled output unprojected by default, and an SD1.5
-  checkpoint has no text projection at all: the host leaves the weight unset (zeros in
-  practice), which is reported here as an error naming `clip`.
+  returns with return_pooled="unprojected") times the file's `text_projection`.
 """
 from __future__ import annotations
 
@@ -16,52 +14,19 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..videograin_core.metrics.clip_scores import check_clips, score_edit
-
-USUAL = ("openai clip-vit-large-patch14 (its model.safetensors holds both halves: put it in models/clip_vision for "
-         "CLIP Vision Loader and in models/text_encoders for CLIP Loader, type stable_diffusion)")
-
-
-def _projection_weight(module, what: str, name: str) -> torch.Tensor:
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        raise ValueError(f"{what}: this model has no {name} into CLIP's joint image-text space, so its embeddings "
-                         f"cannot be compared with the other model's; use {USUAL}")
-    w = w.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(w).all()) or not bool(w.abs().max() > 0):
-        raise ValueError(f"{what}: the model's {name} is missing from its file (the weight is unset: "
-                         f"{'zeros' if bool(torch.isfinite(w).all()) else 'not finite'}); SD1.5 checkpoints ship "
-                         f"CLIP-L without one. Use {USUAL}")
-    return w
+from .metrics_clip import MetricsCLIP
+from .wire_types import METRICS_CLIP
 
 
-def text_projection(clip) -> torch.Tensor:
-    """The weight [D_out, D_in] of the CLIP text encoder's projection (checked)."""
-    if clip is None:
-        raise ValueError("clip: the CLIP input is empty (the checkpoint has no text encoder)")
-    model = getattr(clip, "cond_stage_model", None)
-    found = [m for n, m in model.named_modules() if n.split(".")[-1] == "text_projection"] if model is not None else []
-    if len(found) != 1:
-        raise ValueError(f"clip: expected one CLIP text encoder with a text projection, found {len(found)} "
-                         f"(SDXL-style CLIPs hold two); use {USUAL}")
-    return _projection_weight(found[0], "clip", "text projection")
-
-
-def text_embedding(clip, prompt: str) -> torch.Tensor:
-    w = text_projection(clip)
-    tokens = clip.tokenize(prompt)
-    _, pooled = clip.encode_from_tokens(tokens, return_pooled="unprojected")
+def text_embedding(metrics_clip: MetricsCLIP, prompt: str) -> torch.Tensor:
+    """The prompt's embedding in the joint space [D_joint]."""
+    w = metrics_clip.text_projection
+    clip = metrics_clip.text
+    _, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled="unprojected")
     if pooled is None or pooled.shape[-1] != w.shape[1]:
-        raise ValueError(f"clip: its pooled output ({None if pooled is None else pooled.shape[-1]} wide) does not "
-                         f"fit its text projection ({w.shape[1]} wide)")
+        raise ValueError(f"metrics_clip: its pooled text output ({None if pooled is None else pooled.shape[-1]} "
+                         f"wide) does not fit its text projection ({w.shape[1]} wide)")
     return (pooled[:1].to("cpu", torch.float32) @ w.T)[0]
-
-
-def vision_projection(clip_vision) -> torch.Tensor:
-    """The weight [D_out, D_in] of the CLIP image encoder's projection (checked)."""
-    if clip_vision is None or not hasattr(clip_vision, "encode_image"):
-        raise ValueError("clip_vision: connect a CLIP Vision Loader's model")
-    model = getattr(clip_vision, "model", None)
-    return _projection_weight(getattr(model, "visual_projection", None), "clip_vision", "visual projection")
 
 
 class VideoGrainMetrics(io.ComfyNode):
@@ -82,10 +47,9 @@ class VideoGrainMetrics(io.ComfyNode):
                                                  "images): their optical flow is the reference motion"),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="the edit prompt (CLIP reads its first 75 tokens)"),
-                io.ClipVision.Input("clip_vision", tooltip="CLIP image encoder with its visual projection (CLIP "
-                                                           "Vision Loader; e.g. openai clip-vit-large-patch14)"),
-                io.Clip.Input("clip", tooltip="the text encoder of the same CLIP, with its text projection (CLIP "
-                                              "Loader, type stable_diffusion); an SD1.5 checkpoint's CLIP has none"),
+                METRICS_CLIP.Input("metrics_clip", tooltip="CLIP with both halves and their projections "
+                                                           "(VideoGrain Metrics CLIP Loader; CLIP ViT-L/14 for the "
+                                                           "paper's numbers)"),
             ],
             outputs=[io.Float.Output("clip_t", display_name="clip_t"),
                      io.Float.Output("clip_f", display_name="clip_f"),
@@ -96,18 +60,16 @@ class VideoGrainMetrics(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, edited, source, prompt, clip_vision, clip) -> io.NodeOutput:
+    def execute(cls, edited, source, prompt, metrics_clip) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
         check_clips(edited, source)
         if not (prompt or "").strip():
             raise ValueError("prompt is empty: give the edit prompt the frames are scored against")
-        image_dims = vision_projection(clip_vision).shape[0]
-        text = text_embedding(clip, prompt)
-        if text.shape[-1] != image_dims:
-            raise ValueError(f"clip: its text embeddings have {text.shape[-1]} dimensions but clip_vision's image "
-                             f"embeddings {image_dims}: use the two halves of one CLIP model ({USUAL})")
+        if not isinstance(metrics_clip, MetricsCLIP):
+            raise ValueError("metrics_clip: connect VideoGrain Metrics CLIP Loader's metrics_clip output")
+        text = text_embedding(metrics_clip, prompt)
         chunk = 16
         total = -(-edited.shape[0] // chunk) + max(0, edited.shape[0] - 1)
         bar = comfy.utils.ProgressBar(total)
@@ -117,7 +79,7 @@ class VideoGrainMetrics(io.ComfyNode):
             bar.update(1)
 
         def encode(images):
-            return clip_vision.encode_image(images, crop=True)["image_embeds"]
+            return metrics_clip.vision.encode_image(images, crop=True)["image_embeds"]
 
         scores = score_edit(edited, source, text, encode, chunk=chunk, on_progress=progress)
         table = scores.table()

@@ -324,13 +324,6 @@ def load_weights(model, name: str) -> T2SWeights:
 
 
 # ---------------------------------------------------------------- nodes
-def _file_list(combo):
-    """Mark a combo whose choices are the files found in a folder (the node reference
-    names the folder instead of listing what one machine holds)."""
-    combo.videograin_file_folder = f"<output>/{T2S_FOLDER}/"
-    return combo
-
-
 class VideoGrainT2STune(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -406,9 +399,8 @@ class VideoGrainT2SLoad(io.ComfyNode):
                         "back on a model: the same model the tuning ran on.",
             inputs=[
                 io.Model.Input("model", tooltip="the SD1.5 model the file was tuned on"),
-                _file_list(io.Combo.Input("tuned", options=t2s_files(),
-                                          tooltip="a file under <output>/videograin_t2s/ written by VideoGrain T2S "
-                                                  "Tune")),
+                io.Combo.Input("tuned", options=t2s_files(),
+                               tooltip="a file under <output>/videograin_t2s/ written by VideoGrain T2S Tune"),
             ],
             outputs=[io.Model.Output("tuned_model", display_name="model")],
         )

@@ -7,3 +7,4 @@ INVERSION = io.Custom("VIDEOGRAIN_INVERSION")    # videograin_core.sampling.ddim
 TRAJECTORIES = io.Custom("VIDEOGRAIN_TRAJECTORIES")  # videograin_core.trajectories.stage.ClipTrajectories
 P2P = io.Custom("VIDEOGRAIN_P2P")                # videograin_core.p2p.control.P2PControl
 CAPTURE = io.Custom("VIDEOGRAIN_ATTENTION_CAPTURE")  # videograin_core.capture.recorder.AttentionRecorder
+METRICS_CLIP = io.Custom("VIDEOGRAIN_METRICS_CLIP")  # nodes.metrics_clip.MetricsCLIP

@@ -51,7 +51,21 @@ NOTES = {
         "(any MASK source works: SAM2, the mask editor, core mask nodes)."),
     "class_level_edit": (
         "Class-level edit: one region for all people (the union of their masks) and one for "
-        "the background."),
+        "the background. The Metrics branch scores the edit (CLIP-T, CLIP-F, Warp-Err, Q-edit, "
+        "as the paper): put openai's clip-vit-large-patch14 model.safetensors (both halves) in "
+        "models/clip_vision as clip-vit-large-patch14.safetensors, or delete the two Metrics "
+        "nodes; the edit runs either way."),
+    "attention_maps_view": (
+        "Attention maps: Attention Capture records each listed word's cross-attention map "
+        "while DDIM Invert runs on the source prompt; Attention View draws them over the "
+        "frames (word by word, frames in order). Put the capture in front of Sample instead "
+        "to see where the edit's words land. The words must appear in the capture's prompt."),
+    "mask_free_edit": (
+        "Mask-free edit: no masks are drawn. A first inversion with Attention Capture records "
+        "the self-attention features of all frames; Auto Regions clusters them into K regions "
+        "(the same region in every frame) and names each by the capture's words. Check its "
+        "preview and names, then give each mask_k its local prompt (swap them if the people "
+        "came out as mask_2). The edit then runs as the class-level one."),
     "part_level_edit": (
         "Part-level edit: the head region is carved out of the left person's region "
         "(MaskComposite subtract) and gets the new part; the rest of the person, the other "

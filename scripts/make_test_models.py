@@ -20,6 +20,11 @@ projections, openai's file layout; ~0.85 GiB) for the metrics node's tests and b
 Deterministic: every tensor is drawn from a generator seeded by (seed, tensor name), so
 the same seed writes the same bytes. A file whose embedded recipe matches is reused.
 
+Shared store: when `VIDEOGRAIN_TEST_MODEL_STORE` names a folder (`make test` sets it to
+`.host/test-models`), each model is written there once, under its recipe's hash, and
+hard-linked (copied where links fail) into the host's models folder, so the test hosts
+of every ComfyUI version share one copy of each file on disk.
+
 Run with the host's python and ComfyUI importable:
     python scripts/make_test_models.py --comfyui PATH [--which small small_cnet full]
 Prints one line per model: `<which> <path>`.
@@ -166,33 +171,20 @@ def _clip_pair_sd(seed: int) -> dict:
 def write_clip_pair(models_dir: str, seed: int = 0) -> str:
     """Write (or reuse) the random CLIP ViT-L/14 into models/clip_vision and hard-link it
     (a copy where links fail) into models/text_encoders; returns the file name."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     want = json.dumps({"which": "clip_vitl14", "seed": seed, "version": RECIPE_VERSION,
                        "note": "random weights for tests: the scores are meaningless"}, sort_keys=True)
-    path = os.path.join(models_dir, "clip_vision", CLIP_FILE)
-    fresh = True
-    if os.path.exists(path):
-        try:
-            with safe_open(path, "pt") as f:
-                fresh = (f.metadata() or {}).get("videograin_test_recipe") != want
-        except Exception:
-            pass
-    if fresh:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file(_clip_pair_sd(seed), path + ".partial", metadata={"videograin_test_recipe": want})
-        os.replace(path + ".partial", path)
+
+    def build(dest):
+        save_file(_clip_pair_sd(seed), dest + ".partial", metadata={"videograin_test_recipe": want})
+        os.replace(dest + ".partial", dest)
+
+    path = _place(os.path.join(models_dir, "clip_vision", CLIP_FILE), want, build)
     link = os.path.join(models_dir, "text_encoders", CLIP_FILE)
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if fresh or not os.path.exists(link) or not os.path.samefile(path, link):
-        if os.path.lexists(link):
-            os.remove(link)
-        try:
-            os.link(path, link)
-        except OSError:
-            import shutil
-            shutil.copyfile(path, link)
+    if not os.path.exists(link) or not os.path.samefile(path, link):
+        if not _has_recipe(link, want):
+            _link_or_copy(path, link)
     return CLIP_FILE
 
 
@@ -208,20 +200,61 @@ def model_path(models_dir: str, which: str) -> str:
     return os.path.join(models_dir, sub, name)
 
 
+STORE_ENV = "VIDEOGRAIN_TEST_MODEL_STORE"
+
+
+def _has_recipe(path: str, want: str) -> bool:
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        return False
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("videograin_test_recipe") == want
+    except Exception:
+        return False  # unreadable: rewrite it
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".partial"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system, or links not allowed
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _place(path: str, want: str, build) -> str:
+    """Make `path` a file with recipe `want`: reuse it, link it from the shared store, or
+    build it (`build(dest)` writes the file) into the store (when set) and link it."""
+    if _has_recipe(path, want):
+        return path
+    store = os.environ.get(STORE_ENV)
+    if not store:
+        build(path)
+        return path
+    key = hashlib.sha256(want.encode()).hexdigest()[:16]
+    stored = os.path.join(os.path.abspath(store), f"{key}-{os.path.basename(path)}")
+    if not _has_recipe(stored, want):
+        os.makedirs(os.path.dirname(stored), exist_ok=True)
+        build(stored)
+    _link_or_copy(stored, path)
+    return path
+
+
 def write_model(models_dir: str, which: str, seed: int = 0) -> str:
     """Write (or reuse) one test model; returns its path."""
-    from safetensors import safe_open
+    path = model_path(models_dir, which)
+    return _place(path, recipe(which, seed), lambda dest: _build_model(dest, which, seed))
+
+
+def _build_model(path: str, which: str, seed: int) -> None:
     from safetensors.torch import save_file
 
-    path = model_path(models_dir, which)
     want = recipe(which, seed)
-    if os.path.exists(path):
-        try:
-            with safe_open(path, "pt") as f:
-                if (f.metadata() or {}).get("videograin_test_recipe") == want:
-                    return path
-        except Exception:
-            pass  # unreadable: rewrite it
     spec = MODELS[which]
     sd = {}
     if "unet" in spec:
@@ -238,7 +271,6 @@ def write_model(models_dir: str, which: str, seed: int = 0) -> str:
     # make the bytes differ between identical runs (the recipe says what the file is).
     save_file(sd, tmp, metadata={"videograin_test_recipe": want})
     os.replace(tmp, path)  # never leave a half-written model where the host looks
-    return path
 
 
 def main(argv=None) -> int:

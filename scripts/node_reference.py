@@ -32,13 +32,22 @@ def _cell(text) -> str:
     return " ".join(str(text or "").split()).replace("|", "\\|")
 
 
-def _range(i) -> str:
+# Combos listing files of a models folder: what they hold depends on the machine the docs
+# are made on, so the reference names the folder instead of the files found there.
+FILE_LISTS = {
+    ("VideoGrainMetricsCLIPLoader", "clip_name"): "a .safetensors file in models/clip_vision or models/text_encoders",
+    ("VideoGrainFlowTrajectories", "raft_weights"): "none, or a file in models/optical_flow",
+    ("VideoGrainT2SLoad", "tuned"): "a file in <output>/videograin_t2s/ (saved by VideoGrain T2S Tune)",
+}
+
+
+def _range(i, node_id: str = "") -> str:
     """min..max (and step) of a number input, the choices of a combo (not a file list: it
     depends on what the input folder holds where the docs are made)."""
     if getattr(i, "upload", None) is not None:
         return "a file in the input folder (with upload)"
-    if getattr(i, "videograin_file_folder", None):
-        return f"a file in {i.videograin_file_folder}"
+    if (node_id, i.id) in FILE_LISTS:
+        return FILE_LISTS[(node_id, i.id)]
     options = getattr(i, "options", None)
     if options:
         return ", ".join(str(o) for o in options)
@@ -58,7 +67,7 @@ def render(classes) -> str:
         for i in s.inputs:
             d = getattr(i, "default", None)
             lines.append(f"| `{i.id}`{' (optional)' if i.optional else ''} | {i.io_type} | "
-                         f"{'' if d is None else _cell(repr(d))} | {_cell(_range(i))} | {_cell(i.tooltip)} |")
+                         f"{'' if d is None else _cell(repr(d))} | {_cell(_range(i, s.node_id))} | {_cell(i.tooltip)} |")
         outputs = ", ".join(f"`{o.display_name or o.id}` ({o.io_type})" for o in s.outputs)
         lines += ["", "Outputs: " + (outputs or "none (an output node: it writes files)"), ""]
     return "\n".join(lines)

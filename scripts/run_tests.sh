@@ -24,6 +24,10 @@ say() { printf '[make test] %s\n' "$*"; }
 
 scripts/setup_system.sh || exit 1
 
+# The random test checkpoints are written once into this store and hard-linked into each
+# host's models folder (scripts/make_test_models.py): one copy on disk for every leg.
+export VIDEOGRAIN_TEST_MODEL_STORE="${VIDEOGRAIN_TEST_MODEL_STORE:-$PWD/.host/test-models}"
+
 summary=()
 failed=0
 ran=0

@@ -2,6 +2,7 @@
 # Build (or reuse) a ComfyUI host for this pack.
 #
 #   scripts/setup_host.sh [VERSION]  -> .host/VERSION/ComfyUI + .host/VERSION/venv inside this repo
+#                                       (torch lives once in .host/torch/, shared by the venvs)
 #                                       VERSION: 0.3.75 (the default) or 0.8.0
 #   COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/python scripts/setup_host.sh
 #                                    -> use an existing ComfyUI (VERSION is ignored); only
@@ -122,18 +123,32 @@ PYEOF
     fi
 
     # 2. A venv with pinned torch and the host's requirements (minus torchaudio).
+    #    Torch (with torchvision and the CUDA libraries its wheel pulls in: several GB) is
+    #    installed once into .host/torch/<key> and put on every host venv's path by a .pth
+    #    file, so that two test hosts cost one torch on disk. pip in a venv counts what that
+    #    path holds as installed, so the pinned torch is never fetched twice.
     CONSTRAINTS="$PACK_DIR/scripts/host-constraints.txt"
-    req_hash="$( { echo "$TORCH_PINS"; cat "$COMFY/requirements.txt" "$PACK_DIR/requirements.txt" "$PACK_DIR/requirements-dev.txt" "$CONSTRAINTS"; } | sha256sum | cut -c1-16)"
+    torch_key="$( { echo "$TORCH_PINS"; "$PY" -c 'import sys, platform; print(sys.version, platform.machine())'; cat "$CONSTRAINTS"; } | sha256sum | cut -c1-12)"
+    TORCH_LAYER="$HOST_ROOT/torch/$torch_key"
+    if [[ ! -f "$TORCH_LAYER/.stamp" ]]; then
+        log "installing torch ($TORCH_PINS) into ${TORCH_LAYER#"$PACK_DIR/"} (shared by the host venvs)"
+        rm -rf "$TORCH_LAYER.partial"
+        "$PY" -m pip install -q --no-cache-dir --target "$TORCH_LAYER.partial" -c "$CONSTRAINTS" $TORCH_PINS >&2
+        rm -rf "$TORCH_LAYER"
+        mv "$TORCH_LAYER.partial" "$TORCH_LAYER"
+        touch "$TORCH_LAYER/.stamp"
+    fi
+    req_hash="$( { echo "$TORCH_PINS $TORCH_LAYER"; cat "$COMFY/requirements.txt" "$PACK_DIR/requirements.txt" "$PACK_DIR/requirements-dev.txt" "$CONSTRAINTS"; } | sha256sum | cut -c1-16)"
     if [[ "$(cat "$VENV/.stamp-deps" 2>/dev/null)" != "$req_hash" ]]; then
         [[ -x "$HOST_PY" ]] || { log "creating venv"; "$PY" -m venv "$VENV"; }
-        log "installing torch ($TORCH_PINS)"
-        "$HOST_PY" -m pip install -q --upgrade pip >&2
-        "$HOST_PY" -m pip install -q $TORCH_PINS >&2
+        site="$("$HOST_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        echo "$TORCH_LAYER" > "$site/videograin-torch-layer.pth"
+        "$HOST_PY" -m pip install -q --no-cache-dir --upgrade pip >&2
         grep -vE '^\s*(#|$)|^torch(audio|vision)?\s*$' "$COMFY/requirements.txt" > "$HOST_DIR/host-requirements.txt"
         echo "requests" >> "$HOST_DIR/host-requirements.txt"
         log "installing ComfyUI requirements, the pack's and the test tools"
         # Torch is pinned in every call so pip never swaps it for another build.
-        "$HOST_PY" -m pip install -q $TORCH_PINS -c "$CONSTRAINTS" -r "$HOST_DIR/host-requirements.txt" \
+        "$HOST_PY" -m pip install -q --no-cache-dir $TORCH_PINS -c "$CONSTRAINTS" -r "$HOST_DIR/host-requirements.txt" \
             -r "$PACK_DIR/requirements.txt" -r "$PACK_DIR/requirements-dev.txt" >&2
         echo "$req_hash" > "$VENV/.stamp-deps"
     fi

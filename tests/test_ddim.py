@@ -469,3 +469,20 @@ def test_cache_key_is_stable_for_a_patched_model(pack, smooth, comfy_host, cache
     invert(pack, smooth, lat, 2, model=m4, use_cache=True)
     assert counter.n > 0, "per-frame attention gives another inversion: it must not hit the cache"
     assert len(_cache_files(cache_dir)) == 2
+
+
+def test_every_sampler_function_takes_keyword_arguments_a_newer_host_may_add():
+    """KSAMPLER functions get the host's keyword arguments; one they do not know (a future
+    host's) is ignored, and the result is the same as without it."""
+    from videograin_core.sampling import ddim
+
+    def model(x, sigma, **kw):  # denoised = x / (1 + sigma^2): a smooth toy x0
+        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    up = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    for fn, sig in ((ddim.sample_ddim_inversion, up), (ddim.sample_ddim_inversion_official, up),
+                    (ddim.sample_ddim_blend, up.flip(0))):
+        plain = fn(model, x.clone(), sig, extra_args={}, disable=True)
+        extra = fn(model, x.clone(), sig, extra_args={}, disable=True, noise_sampler=None, some_future_option=1)
+        assert torch.equal(plain, extra), fn.__name__

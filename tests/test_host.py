@@ -32,8 +32,9 @@ def test_test_model_is_detected_as_sd15(comfy_host, test_models):
     assert cond.shape == (1, 77, 768)
 
 
-def test_test_models_are_deterministic(tmp_path, comfy_host):
+def test_test_models_are_deterministic(tmp_path, comfy_host, monkeypatch):
     maker = load_script("make_test_models")
+    monkeypatch.delenv(maker.STORE_ENV, raising=False)  # build each file, never link one
     a = maker.write_model(str(tmp_path / "a"), "small_cnet", seed=3)
     b = maker.write_model(str(tmp_path / "b"), "small_cnet", seed=3)
     c = maker.write_model(str(tmp_path / "c"), "small_cnet", seed=4)
@@ -42,6 +43,23 @@ def test_test_models_are_deterministic(tmp_path, comfy_host):
     mtime = os.path.getmtime(a)
     assert maker.write_model(str(tmp_path / "a"), "small_cnet", seed=3) == a
     assert os.path.getmtime(a) == mtime, "a matching cached model must not be rewritten"
+
+
+def test_the_shared_store_holds_one_copy_per_recipe(tmp_path, comfy_host, monkeypatch):
+    """Two hosts' models folders get the same file (one inode) from the store; another
+    seed is another stored file; the host's copy is a plain file where the host looks."""
+    maker = load_script("make_test_models")
+    store = tmp_path / "store"
+    monkeypatch.setenv(maker.STORE_ENV, str(store))
+    a = maker.write_model(str(tmp_path / "hostA"), "small_cnet", seed=5)
+    b = maker.write_model(str(tmp_path / "hostB"), "small_cnet", seed=5)
+    assert os.path.samefile(a, b) and not os.path.islink(a)
+    assert len(os.listdir(store)) == 1
+    c = maker.write_model(str(tmp_path / "hostC"), "small_cnet", seed=6)
+    assert not os.path.samefile(a, c) and len(os.listdir(store)) == 2
+    monkeypatch.delenv(maker.STORE_ENV)
+    d = maker.write_model(str(tmp_path / "hostD"), "small_cnet", seed=5)  # built without the store
+    assert _sha(d) == _sha(a)
 
 
 def test_pack_imported_without_error(comfy_server):

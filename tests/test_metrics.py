@@ -1,8 +1,8 @@
 """Edit metrics: the formulas of videograin_core.metrics.clip_scores against plain numpy on
 fixed embeddings, the limits (identical frames), and the VideoGrain Metrics node through
-POST /prompt with a random CLIP ViT-L/14 in the host's formats (vision half through CLIP
-Vision Loader, text half with its projection through CLIP Loader), including the error
-for a CLIP without the text projection (an SD1.5 checkpoint's)."""
+POST /prompt with a random CLIP ViT-L/14 in openai's file layout through VideoGrain Metrics
+CLIP Loader, including the refusals of a file without the text projection (what an SD1.5
+checkpoint's CLIP is) and of one whose projection is zeros."""
 from __future__ import annotations
 
 import math
@@ -84,31 +84,37 @@ def clip_files(comfy_server):
     return maker.write_clip_pair(os.path.join(comfyui_path(), "models"))
 
 
-def metrics_prompt(clip_name, ckpt, text_from="file"):
-    p = {
+def metrics_prompt(clip_name):
+    return {
         "load": {"class_type": "VideoGrainVideoLoader", "inputs": {
             "video": "metrics_src.mp4", "skip_first_frames": 0, "select_every_nth": 1, "frame_load_cap": 3,
             "size": 64, "crop": "center"}},
         "edit": {"class_type": "ImageInvert", "inputs": {"image": ["load", 0]}},
-        "vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": clip_name}},
-        "text": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "stable_diffusion"}},
+        "clip": {"class_type": "VideoGrainMetricsCLIPLoader", "inputs": {"clip_name": clip_name}},
         "metrics": {"class_type": "VideoGrainMetrics", "inputs": {
             "edited": ["edit", 0], "source": ["load", 0], "prompt": "a red fox in the snow",
-            "clip_vision": ["vision", 0], "clip": ["text", 0]}},
+            "metrics_clip": ["clip", 0]}},
         "show": {"class_type": "PreviewAny", "inputs": {"source": ["metrics", 3]}},
     }
-    if text_from == "checkpoint":
-        p["ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}
-        p["metrics"]["inputs"]["clip"] = ["ckpt", 1]
-        del p["text"]
-    return p
+
+
+def write_partial_clip(comfy_server, name, *, drop=(), zero=()):
+    """A small safetensors file in models/clip_vision with openai's key names: the keys the
+    loader checks, less `drop`, with `zero` all zeros (the loader refuses before loading)."""
+    from safetensors.torch import save_file
+    from vg_testlib import comfyui_path
+    sd = {"text_projection.weight": torch.randn(8, 8), "visual_projection.weight": torch.randn(8, 8),
+          "text_model.final_layer_norm.weight": torch.ones(8), "vision_model.post_layernorm.weight": torch.ones(8)}
+    sd = {k: (torch.zeros_like(v) if k in zero else v) for k, v in sd.items() if k not in drop}
+    save_file(sd, os.path.join(comfyui_path(), "models", "clip_vision", name))
+    return name
 
 
 @pytest.mark.server
-def test_metrics_node_through_the_server(comfy_server, clip_files, test_models):
+def test_metrics_node_through_the_server(comfy_server, clip_files):
     from test_video_loader import make_video
     make_video(os.path.join(comfy_server.input_dir, "metrics_src.mp4"), n=3, w=64, h=64, fps=8)
-    entry = comfy_server.run(metrics_prompt(clip_files, test_models.small_name), timeout=1200)
+    entry = comfy_server.run(metrics_prompt(clip_files), timeout=1200)
     (table,) = entry["outputs"]["metrics"]["text"]
     values = dict(re.findall(r"^(CLIP-T \(x100\)|CLIP-F \(x100\)|Warp-Err \(x100\)|Q-edit)\s+(\S+)", table, re.M))
     assert len(values) == 4, table
@@ -121,14 +127,52 @@ def test_metrics_node_through_the_server(comfy_server, clip_files, test_models):
 
 
 @pytest.mark.server
-def test_a_clip_without_text_projection_is_refused_naming_clip(comfy_server, clip_files, test_models):
+def test_the_text_embedding_uses_the_files_projection(comfy_host, clip_files):
+    """The prompt's embedding is the pooled output times the projection READ FROM THE FILE
+    (a plain matmul written here), whatever the host did with its own copy."""
+    from safetensors import safe_open
+    from vg_testlib import comfyui_path, pack_modules
+    loader = pack_modules(comfy_host, m="nodes.metrics_clip").m
+    metrics = pack_modules(comfy_host, m="nodes.metrics").m
+    with torch.inference_mode():
+        mc = loader.load_metrics_clip(clip_files)
+        # scribble over the host's copy: the node must not depend on it
+        for name, mod in mc.text.cond_stage_model.named_modules():
+            if name.endswith("text_projection"):
+                mod.weight.fill_(0.0)
+        got = metrics.text_embedding(mc, "a red fox")
+        _, pooled = mc.text.encode_from_tokens(mc.text.tokenize("a red fox"), return_pooled="unprojected")
+    with safe_open(os.path.join(comfyui_path(), "models", "clip_vision", clip_files), "pt") as f:
+        w = f.get_tensor("text_projection.weight").double()
+    want = (pooled[:1].double() @ w.T)[0]
+    assert got.shape == (w.shape[0],)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.server
+def test_a_clip_without_text_projection_is_refused_naming_clip_name(comfy_server):
+    """What an SD1.5 checkpoint's CLIP-L is: refused at validation, before anything runs."""
+    from test_video_loader import make_video
+    from vg_testlib import PromptRejected
+    make_video(os.path.join(comfy_server.input_dir, "metrics_src.mp4"), n=3, w=64, h=64, fps=8)
+    name = write_partial_clip(comfy_server, "vg_no_text_projection.safetensors", drop=("text_projection.weight",))
+    with pytest.raises(PromptRejected) as e:
+        comfy_server.queue(metrics_prompt(name))
+    body = str(e.value.body)
+    assert "clip_name: 'vg_no_text_projection.safetensors' lacks text_projection.weight" in body
+    assert "clip-vit-large-patch14" in body
+    assert comfy_server.get("/system_stats")  # still serving
+
+
+@pytest.mark.server
+def test_a_zero_projection_is_refused_before_loading(comfy_server):
     from test_video_loader import make_video
     from vg_testlib import ExecutionFailed
     make_video(os.path.join(comfy_server.input_dir, "metrics_src.mp4"), n=3, w=64, h=64, fps=8)
-    prompt = metrics_prompt(clip_files, test_models.small_name, text_from="checkpoint")
+    name = write_partial_clip(comfy_server, "vg_zero_projection.safetensors", zero=("text_projection.weight",))
     with pytest.raises(ExecutionFailed) as e:
-        comfy_server.run(prompt, timeout=600)
+        comfy_server.run(metrics_prompt(name), timeout=600)
     msgs = [m[1] for m in e.value.entry["status"]["messages"] if m[0] == "execution_error"]
-    assert msgs and msgs[0]["node_id"] == "metrics"
-    assert re.search(r"^clip: the model's text projection is missing from its file", msgs[0]["exception_message"])
-    assert "clip-vit-large-patch14" in msgs[0]["exception_message"]
+    assert msgs and msgs[0]["node_id"] == "clip"
+    assert re.search(r"^clip_name: 'vg_zero_projection.safetensors' holds a text_projection.weight that is all "
+                     r"zeros", msgs[0]["exception_message"])

@@ -241,15 +241,15 @@ def test_bad_files_are_refused(env):
                 load.execute(model=env["model"], tuned=name)
 
 
-def test_p2p_sample_on_the_tuned_model_keeps_the_branches_apart(env, monkeypatch):
+def test_p2p_sample_on_the_tuned_model_keeps_the_branches_apart(env, test_models, monkeypatch):
     """Inverted and edited by P2P Sample, the tuned model's temporal attention sees each
     branch (source, target) of each chunk as its own clip."""
     import comfy.sd
     cls, T = env["cls"], env["pack"].temporal
     tuned = tune(env, steps=1, learning_rate=1e-3)
     with torch.inference_mode():
-        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(env["host"].folder_paths.get_full_path(
-            "checkpoints", "videograin_test_small.safetensors"), output_vae=False, output_clipvision=False)
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_vae=False,
+                                                              output_clipvision=False)
         src, tgt, p2p = _args(cls["VideoGrainP2PControl"].execute(
             clip=clip, source_prompt=PROMPT, target_prompt=PROMPT.replace("rabbit", "tiger"), mode="word swap",
             cross_replace=0.2, self_replace=0.5, reweight="", blend_source_word="", blend_target_word="",

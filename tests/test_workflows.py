@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,17 +47,23 @@ def _for_test(prompt: dict, test_models) -> dict:
             inp["steps"] = STEPS
         elif t == "VideoGrainT2STune":
             inp["steps"] = STEPS
+        elif t == "VideoGrainMetricsCLIPLoader":
+            inp["clip_name"] = test_models.clip_name
     return prompt
 
 
 @pytest.fixture(scope="module")
-def sample_inputs(comfy_server):
+def sample_inputs(comfy_server, test_models):
     copy_to_input(comfy_server, os.path.join(REPO, "example_data", "vtest_two_people.mp4"))
     copy_to_input(comfy_server, os.path.join(REPO, "example_data", "masks"), "vtest_two_people_masks")
+    # the random CLIP ViT-L/14 the metrics branch scores with (in place of openai's file)
+    maker = __import__("vg_testlib").load_script("make_test_models")
+    test_models.clip_name = maker.write_clip_pair(os.path.join(comfyui_path(), "models"))
 
 
 def test_workflow_set_is_complete():
-    assert {"instance_level_edit", "class_level_edit", "part_level_edit", "controlnet_canny_edit"} <= set(WORKFLOWS)
+    assert {"instance_level_edit", "class_level_edit", "part_level_edit", "controlnet_canny_edit",
+            "attention_maps_view", "mask_free_edit", "video_p2p_word_swap", "video_p2p_refine"} <= set(WORKFLOWS)
     for name in WORKFLOWS:
         ui_path = os.path.join(UI_DIR, name + ".json")
         assert os.path.isfile(ui_path), f"{name}: no UI-format twin (scripts/build_workflows.py)"
@@ -78,17 +85,33 @@ def test_workflow_runs_through_the_server(name, comfy_server, test_models, sampl
         prompt = _for_test(json.load(f), test_models)
     entry = comfy_server.run(prompt, timeout=900)
     save_id = next(k for k, v in prompt.items() if v["class_type"] == "VideoGrainSaveVideo")
+    save = prompt[save_id]["inputs"]
     files = entry["outputs"][save_id]
     items = [i for v in files.values() if isinstance(v, list) for i in v if isinstance(i, dict) and "filename" in i]
     paths = [os.path.join(comfy_server.output_dir, i.get("subfolder", ""), i["filename"]) for i in items]
-    assert len(paths) == 2, files  # the edit and the side-by-side comparison
     w, h = _expected_size()
-    facts = sorted(_video_facts(p) for p in paths)
-    (n1, w1, h1, fps1), (n2, w2, h2, fps2) = facts
-    assert n1 == n2 == FRAMES
-    assert (w1, h1) == (w, h) and (w2, h2) == (2 * w, h)
     _, _, _, src_fps = _video_facts(os.path.join(REPO, "example_data", "vtest_two_people.mp4"))
-    assert abs(fps1 - src_fps) < 0.01 and abs(fps2 - src_fps) < 0.01
+    facts = sorted(_video_facts(p) for p in paths)
+    shown_by = prompt[save["images"][0]]
+    if shown_by["class_type"] == "VideoGrainAttentionView":
+        # one frame per word per source frame, drawn on the frames at their size
+        words = [x for x in prompt[shown_by["inputs"]["capture"][0]]["inputs"]["words"].split(",") if x.strip()]
+        assert "source" not in save and len(paths) == 1, files
+        assert facts[0][:3] == (FRAMES * len(words), w, h)
+    else:
+        assert len(paths) == 2, files  # the edit and the side-by-side comparison
+        (n1, w1, h1, fps1), (n2, w2, h2, fps2) = facts
+        assert n1 == n2 == FRAMES
+        assert (w1, h1) == (w, h) and (w2, h2) == (2 * w, h)
+        assert abs(fps2 - src_fps) < 0.01
+    assert abs(facts[0][3] - src_fps) < 0.01
+    for node_id, node in prompt.items():
+        if node["class_type"] == "VideoGrainMetrics":  # the metrics branch scored the edit
+            (table,) = entry["outputs"][node_id]["text"]
+            assert f"{FRAMES} frames" in table and re.search(r"^Q-edit\s+\S+", table, re.M), table
+        elif node["class_type"] == "VideoGrainAutoRegions":  # mask-free: its masks made the layout
+            assert any(v["class_type"] == "VideoGrainLocalPrompt" and v["inputs"]["mask"][0] == node_id
+                       for v in prompt.values())
 
 
 def test_host_offers_the_ui_workflows_as_templates(comfy_server):

@@ -22,6 +22,10 @@ x0), so ControlNet, cfg and attention patches apply as in any sampler.
 UNet call that evaluates the schedule's sigma number k (inversion: k indexes the ascending
 schedule; sampling: the descending one, i.e. the step), or None for the run's own. PnP
 feature injection tags the calls it records or injects with it.
+
+Every sampler function takes `**_host_extras`: the host hands a KSAMPLER function its own
+keyword arguments (today extra_args, callback, disable), and a newer host may add one; an
+argument these samplers do not use must not stop them.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ def _args_for(extra_args: dict, call_options, k: int) -> dict:
 
 @torch.no_grad()
 def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
-                          call_options=None):
+                          call_options=None, **_host_extras):
     """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max), the next-step scheme.
 
     x_{i+1} = x_i + (s_{i+1} - s_i) * eps(x_i, s_{i+1}). The model is handed x_i as the
@@ -98,7 +102,7 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
 
 @torch.no_grad()
 def sample_ddim_inversion_official(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
-                                   call_options=None, top_call=False):
+                                   call_options=None, top_call=False, **_host_extras):
     """DDIM inversion along ascending `sigmas` (0, s_1, ..., s_max), the official scheme.
 
     x_1 = x0 * sqrt(1 + s_1^2) (the clean latent as the diffusers latent at s_1), then
@@ -138,7 +142,7 @@ def inversion_sampler(scheme: str):
 
 @torch.no_grad()
 def sample_ddim_blend(model, x, sigmas, extra_args=None, callback=None, disable=None, mask=None, reference=None,
-                      call_options=None):
+                      call_options=None, **_host_extras):
     """DDIM (eta 0) along descending `sigmas`, blending after every step:
     x = x * mask + reference(i + 1) * (1 - mask), reference(j) = a latent at sigmas[j].
 
