@@ -9,6 +9,8 @@ norms, the frame-attention variants) keeps the branches apart. The attention con
 as stages on a clone of the model's options: frame attention (attn1), spatial self
 replacement (attn1), the P2P cross stage (attn2). The core (videograin_core.p2p) does the
 arithmetic; this node wires it into the host and refuses bad inputs before sampling.
+Null-text mode (section 4): the shared null embeddings are optimised first (or read from
+the cache) by p2p_null_text, and P2PGuider gives the source rows' uncond the step's one.
 """
 from __future__ import annotations
 
@@ -23,29 +25,51 @@ from ..videograin_core.attention.frame_attention import FRAME_MODES, FrameAttent
 from ..videograin_core.attention.runtime import STLayoutRuntime, with_stage
 from ..videograin_core.p2p.blend import BlendStore
 from ..videograin_core.p2p.control import P2PControl, conditioning_digest
+from ..videograin_core.p2p.null_text import INNER_STEPS
 from ..videograin_core.p2p.sampler import sample_p2p
 from ..videograin_core.p2p.stage import P2PCrossStage, P2PSelfStage
 from ..videograin_core.sampling import ddim
+from . import p2p_null_text
 from .host_glue import check_control_hints, run_guider
 from .sample import _check_schedule
 from .st_layout_patch import (_check_sd15, _frames_attention, _host_attention, add_batch_layout_publisher,
                               install_runtime)
 from .wire_types import INVERSION, P2P
 
-SOURCE_MODES = ("direct", "fast")
+SOURCE_MODES = ("direct", "fast", "null-text")
 
 
 class P2PGuider(comfy.samplers.CFGGuider):
-    """CFG with one scale per half of a stacked [source F; target F] latent."""
+    """CFG with one scale per half of a stacked [source F; target F] latent; in null-text
+    mode the source half's uncond takes the optimised embedding of the step."""
 
-    def __init__(self, model_patcher, frames: int, cfg_source: float, cfg_target: float):
+    def __init__(self, model_patcher, frames: int, cfg_source: float, cfg_target: float,
+                 null_embeddings: torch.Tensor | None = None, sigmas: torch.Tensor | None = None):
         super().__init__(model_patcher)
         self.frames = int(frames)
         self.cfg = float(cfg_target)
         self.cfg_source = float(cfg_source)
+        self.null_embeddings = null_embeddings    # [steps, 1, tokens, 768] or None
+        self.null_sigmas = None if sigmas is None else sigmas.detach().float().cpu()
+
+    def _negative(self, timestep):
+        """The negative conds of this call. In null-text mode the source rows' uncond is the
+        step's optimised embedding and the target rows' the plain negative (VIDEO_P2P.md
+        section 5). The host processes conds once per run, so a per-step, per-row negative
+        cannot go through set_conds: it is a copy of the processed entry with a stacked
+        [null_i x F; negative x F] cross-attention tensor, made here for each call."""
+        negative = self.conds.get("negative")
+        if self.null_embeddings is None:
+            return negative
+        sigma = torch.as_tensor(timestep).detach().flatten()[0].float().cpu()
+        i = min(int(torch.argmin((self.null_sigmas - sigma).abs())), self.null_embeddings.shape[0] - 1)
+        neg = negative[0]["model_conds"]["c_crossattn"].cond
+        f = self.frames
+        null = self.null_embeddings[i].to(neg)
+        return p2p_null_text.with_crossattn(negative, torch.cat([null.expand(f, -1, -1), neg.expand(f, -1, -1)]))
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        positive, negative = self.conds.get("positive"), self.conds.get("negative")
+        positive, negative = self.conds.get("positive"), self._negative(timestep)
         if self.cfg == 1.0 and self.cfg_source == 1.0:
             (cond,) = comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, model_options)
             return cond
@@ -140,16 +164,23 @@ class VideoGrainP2PSample(io.ComfyNode):
                 INVERSION.Input("inversion", tooltip="VideoGrain DDIM Invert of the clip with the source prompt; "
                                                     "scheme next-step is Video-P2P's"),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="guidance of the target (and of the source in direct mode)"),
+                               tooltip="guidance of the target (and of the source in direct and null-text modes)"),
                 io.Combo.Input("source_mode", options=list(SOURCE_MODES), default="direct",
                                tooltip="direct: the source branch replays the inversion (exact reconstruction; "
                                        "the target gets the same per-step correction, so unchanged prompts give "
                                        "the source back); fast: the reference's --fast, the source sampled at "
-                                       "guidance 1"),
+                                       "guidance 1; null-text: the paper's, the source sampled at cfg with one "
+                                       "unconditional embedding per step optimised to re-trace the inversion "
+                                       "(gradients through the UNet: slow, cached on disk)"),
                 io.Combo.Input("frame_attention", options=list(FRAME_MODES), default="all frames",
                                tooltip="self-attention keys of each frame: all frames of its branch (full-frame "
                                        "attention), frame 0 (Video-P2P), or frame 0 and the previous frame "
                                        "(Tune-A-Video)"),
+                io.Int.Input("inner_steps", default=INNER_STEPS, min=1, max=1000, optional=True,
+                             tooltip="null-text mode: at most this many Adam steps per denoising step (the "
+                                     "reference: 10; it stops early once the step's loss is small)"),
+                io.Boolean.Input("use_cache", default=True, optional=True,
+                                 tooltip="null-text mode: reuse identical earlier optimised embeddings from disk"),
             ],
             outputs=[io.Latent.Output("target_latent", display_name="latent"),
                      io.Latent.Output("source_latent", display_name="source_latent")],
@@ -157,9 +188,17 @@ class VideoGrainP2PSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, source, target, p2p, negative, inversion, cfg=7.5, source_mode="direct",
-                frame_attention="all frames") -> io.NodeOutput:
+                frame_attention="all frames", inner_steps=INNER_STEPS, use_cache=True) -> io.NodeOutput:
         if source_mode not in SOURCE_MODES:
             raise ValueError(f"source_mode must be one of {', '.join(SOURCE_MODES)}, got {source_mode!r}")
+        null_mode = source_mode == "null-text"
+        if null_mode:
+            if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+                raise ValueError(f"inner_steps must be a whole number of at least 1 in null-text mode (the "
+                                 f"reference: 10), got {inner_steps!r}")
+            if float(cfg) == 1.0:
+                raise ValueError("cfg is 1 but null-text mode optimises the unconditional embedding, which guidance "
+                                 "1 ignores: use cfg 7.5 (the reference), or source_mode fast / direct")
         if frame_attention not in FRAME_MODES:
             raise ValueError(f"frame_attention must be one of {', '.join(FRAME_MODES)}, got {frame_attention!r}")
         control, inv = p2p, inversion
@@ -178,6 +217,16 @@ class VideoGrainP2PSample(io.ComfyNode):
         elif frame_attention == "all frames" and not rt.options.full_frame_attention:
             logging.warning("VideoGrain P2P: frame_attention is 'all frames' but the model's ST-Layout Patch has "
                             "full_frame_attention off: self-attention stays per frame")
+        nulls = None
+        if null_mode:
+            # the source branch as sampling runs it (one sequence per chunk; the P2P stages only
+            # ever touch the target rows), so the optimisation does not depend on the target
+            src_model = m.clone()
+            if frame_attention != "all frames":
+                with_stage(src_model.model_options.setdefault("transformer_options", {}),
+                           FrameAttentionStage(frame_attention, _host_attention))
+            nulls = p2p_null_text.null_embeddings(src_model, source, negative, inv, float(cfg), inner_steps,
+                                                  use_cache=bool(use_cache))
         to = m.model_options.setdefault("transformer_options", {})
         to[GROUPS_KEY] = 2
         # outermost first: self replacement hands the source's q/k to the frame attention
@@ -190,10 +239,11 @@ class VideoGrainP2PSample(io.ComfyNode):
         extra = {k: v for k, v in source[0][1].items() if k != "pooled_output"}
         positive = [[torch.cat([src_ca.expand(frames, -1, -1), tgt_ca.expand(frames, -1, -1)]), extra]]
         direct = source_mode == "direct"
-        guider = P2PGuider(m, frames, cfg_source=float(cfg) if direct else 1.0, cfg_target=float(cfg))
+        sigmas = inv.sigmas.flip(0)
+        guider = P2PGuider(m, frames, cfg_source=1.0 if source_mode == "fast" else float(cfg), cfg_target=float(cfg),
+                           null_embeddings=nulls, sigmas=sigmas)
         guider.set_conds(positive, negative)
 
-        sigmas = inv.sigmas.flip(0)
         steps = len(sigmas) - 1
         store = BlendStore(control.blend_source, control.blend_target, control.blend_threshold) \
             if control.has_blend else None

@@ -11,6 +11,6 @@ This subpackage owns
              [source F; target F] batch.
 
 Built in the P2P Sample node (nodes/p2p_sample.py): `blend` (the per-run local-blend store), `sampler`
-(the stacked sampler function: source replay, blend), `P2PSelfStage`. Still to come: null-text
-inversion and T2S tuning (frame attention as a tuned module, temporal attention).
+(the stacked sampler function: source replay, blend), `P2PSelfStage`, `null_text` (the shared null
+embedding's per-step optimisation). Still to come: T2S tuning (frame attention as a tuned module, temporal attention).
 """

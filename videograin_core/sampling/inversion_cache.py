@@ -179,6 +179,15 @@ def _checksum(tensors: dict, pnp_meta: str | None = None) -> str:
     return h.hexdigest()
 
 
+def _tensors_checksum(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        _hash_values(h, t)
+    return h.hexdigest()
+
+
 DEFAULT_MAX_BYTES = 10 * 2**30   # the folder's bound when the caller gives none
 _STALE_PARTIAL_SECONDS = 3600    # a .partial file this old belongs to a run that was killed
 
@@ -253,6 +262,53 @@ class InversionCache:
                 os.remove(tmp)
         self.prune(keep=path)
         return path
+
+    def save_tensors(self, key: str, kind: str, tensors: dict) -> str:
+        """Another kind of entry in the same folder (same atomic write, checksum and bound):
+        named float32 tensors, e.g. P2P Sample's null-text embeddings. `kind` is stored and
+        checked on load."""
+        from safetensors.torch import save_file
+        path = self.path(key)
+        os.makedirs(self.folder, exist_ok=True)
+        tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
+        meta = {"version": CACHE_VERSION, "key": key, "kind": kind, "checksum": _tensors_checksum(tensors)}
+        tmp = os.path.join(self.folder, f".{key}.{uuid.uuid4().hex}.partial")
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.prune(keep=path)
+        return path
+
+    def load_tensors(self, key: str, kind: str) -> tuple[dict | None, str]:
+        """(tensors, "hit") or (None, "miss") or (None, "damaged: why") after deleting it."""
+        from safetensors import safe_open
+        path = self.path(key)
+        if not os.path.exists(path):
+            return None, "miss"
+        try:
+            with safe_open(path, "pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if meta.get("version") != CACHE_VERSION or meta.get("key") != key or meta.get("kind") != kind:
+                raise ValueError("written by another version, for another key or of another kind")
+            if meta.get("checksum") != _tensors_checksum(tensors):
+                raise ValueError("checksum mismatch")
+        except FileNotFoundError:
+            return None, "miss"
+        except Exception as e:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            return None, f"damaged: {e.__class__.__name__}: {e}"
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return tensors, "hit"
 
     def prune(self, keep: str | None = None) -> list[str]:
         """Delete the least recently used entries until the folder holds at most max_bytes
