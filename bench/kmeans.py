@@ -35,7 +35,6 @@ def sample_frames(frames: int, size: int) -> np.ndarray:
     """The sample clip's first `frames` frames, short side `size`, centre-cropped square,
     float32 [F, size, size, 3] in 0..1."""
     import av
-    from PIL import Image
     out = []
     with av.open(os.path.join(REPO, "example_data", "vtest_two_people.mp4")) as c:
         for frame in c.decode(video=0):

@@ -31,30 +31,18 @@ machine-dependent.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import os
 import statistics
 import sys
 import time
 
-from proc_memory import peak_rss_bytes, settle_and_reset_peak  # bench/ is sys.path[0]
+from host_bench import load_host  # bench/ is sys.path[0]
+from proc_memory import peak_rss_bytes, settle_and_reset_peak
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MIB = 2 ** 20
-
-
-def host(comfyui: str):
-    sys.path.insert(0, comfyui)
-    from comfy.cli_args import args
-    args.cpu = True
-    import utils.extra_config  # noqa: F401  (the host's `utils` first, as main.py does)
-    import server  # noqa: F401
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    pack = next(m for n, m in sys.modules.items() if n.endswith("ComfyUI-VideoGrain") and hasattr(m, "comfy_entrypoint"))
-    return nodes, pack.__name__
 
 
 def main():
@@ -70,7 +58,7 @@ def main():
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
-    nodes, pack = host(os.path.abspath(a.comfyui))
+    nodes, pack = load_host(os.path.abspath(a.comfyui))
     from importlib import import_module
     invert_mod = import_module(pack + ".nodes.ddim_invert")
     sample_mod = import_module(pack + ".nodes.sample")

@@ -23,29 +23,17 @@ with synchronisation on a GPU. Ratios are within one run on one machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
 import time
 
-from proc_memory import peak_rss_bytes, settle_and_reset_peak  # bench/ is sys.path[0]
+from host_bench import load_host  # bench/ is sys.path[0]
+from proc_memory import peak_rss_bytes, settle_and_reset_peak
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MIB = 2 ** 20
-
-
-def host(comfyui: str, cpu: bool):
-    sys.path.insert(0, comfyui)
-    from comfy.cli_args import args
-    args.cpu = cpu
-    import utils.extra_config  # noqa: F401  (the host's `utils` first, as main.py does)
-    import server  # noqa: F401
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    pack = next(m for n, m in sys.modules.items() if n.endswith("ComfyUI-VideoGrain") and hasattr(m, "comfy_entrypoint"))
-    return nodes, pack.__name__
 
 
 def main():
@@ -64,7 +52,7 @@ def main():
     import torch
     if a.threads and not a.gpu:
         torch.set_num_threads(a.threads)
-    nodes, pack = host(os.path.abspath(a.comfyui), cpu=not a.gpu)
+    nodes, pack = load_host(os.path.abspath(a.comfyui), cpu=not a.gpu)
     from importlib import import_module
     tune_node = import_module(pack + ".nodes.t2s_tune")
     tune_mod = import_module(pack + ".videograin_core.tuning.tune")
@@ -144,7 +132,7 @@ def main():
     tune_m = mem_peak(m0)
     per_step = statistics.median(b - a_ for a_, b in zip(stamps, stamps[1:]))
     setup = stamps[0] - t0 - per_step  # the first step's own time taken as a typical step's
-    print(f"\n| what | time (s) | x plain forward | peak memory (MiB) | x plain forward |")
+    print("\n| what | time (s) | x plain forward | peak memory (MiB) | x plain forward |")
     print("|---|---:|---:|---:|---:|")
     print(f"| plain UNet forward (no grad) | {fwd_t:.3f} | 1.00 | {fwd_m / MIB:.1f} | 1.00 |")
     print(f"| tuning step (median of {len(stamps) - 1}) | {per_step:.3f} | {per_step / fwd_t:.2f} | "

@@ -33,7 +33,7 @@ from . import p2p_null_text
 from .host_glue import check_control_hints, run_guider
 from .sample import _check_schedule
 from .st_layout_patch import (_check_sd15, _frames_attention, _host_attention, add_batch_layout_publisher,
-                              install_runtime)
+                              install_runtime, pack_runtime)
 from .wire_types import INVERSION, P2P
 
 SOURCE_MODES = ("direct", "fast", "null-text")
@@ -78,16 +78,6 @@ class P2PGuider(comfy.samplers.CFGGuider):
         f = self.frames
         scale = x.new_tensor([self.cfg_source] * f + [self.cfg] * (x.shape[0] - f)).view(-1, *[1] * (x.ndim - 1))
         return uncond + (cond - uncond) * scale
-
-
-def pack_runtime(model):
-    """The pack's attention runtime the model's attn1 replaces belong to, or None."""
-    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    for fn in table.values():
-        rt = getattr(fn, "videograin_runtime", None)
-        if rt is not None:
-            return rt
-    return None
 
 
 def _single(conditioning, name: str) -> torch.Tensor:

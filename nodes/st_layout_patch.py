@@ -171,6 +171,17 @@ def _existing(model_options: dict, which: str, key: tuple):
     return fn
 
 
+def pack_runtime(model):
+    """The pack's attention runtime the model's attn1 replaces belong to (the ST-Layout
+    Patch's, or the bare one a stage node installed), or None."""
+    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    for fn in table.values():
+        rt = getattr(fn, "videograin_runtime", None)
+        if rt is not None:
+            return rt
+    return None
+
+
 def _check_sd15(model) -> list:
     diffusion_model = getattr(model.model, "diffusion_model", None)
     config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}

@@ -33,7 +33,7 @@ from ..videograin_core.attention.runtime import STLayoutRuntime, with_stage
 from ..videograin_core.tuning.temporal import TemporalBlockPatch
 from ..videograin_core.tuning.tune import TuneConfig, clip_loss, inference_escape, tune
 from ..videograin_core.tuning.weights import BlockSpec, T2SWeights
-from .st_layout_patch import _check_sd15, _host_attention, install_runtime
+from .st_layout_patch import _check_sd15, _host_attention, install_runtime, pack_runtime
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +77,11 @@ def apply_t2s(model, weights: T2SWeights, q_patches: bool = True):
     return m
 
 
-def _pack_runtime(model):
-    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    for fn in table.values():
-        rt = getattr(fn, "videograin_runtime", None)
-        if rt is not None:
-            return rt
-    return None
-
-
 def training_model(model, weights: T2SWeights):
     """The T2S model the loop runs: temporal modules as object patches, the pack's attention
     runtime (chaining what the model had) with frame attention to frame 0."""
     tm = apply_t2s(model, weights, q_patches=False)
-    if _pack_runtime(model) is None:
+    if pack_runtime(model) is None:
         install_runtime(tm, STLayoutRuntime.unmodulated(_host_attention, full_frame_attention=False),
                         model.model_options)
     with_stage(tm.model_options.setdefault("transformer_options", {}),

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..videograin_core.attention.runtime import STLayoutRuntime, with_stage
 from ..videograin_core.trajectories.stage import RESOLUTIONS, TrajectoryStage
-from .st_layout_patch import per_sequence_shape
+from .st_layout_patch import pack_runtime, per_sequence_shape
 from .wire_types import TRAJECTORIES
 
 WRAPPER_KEY = "videograin_trajectory_check"
@@ -16,8 +16,7 @@ WRAPPER_KEY = "videograin_trajectory_check"
 
 def has_pack_runtime(model) -> bool:
     """The ST-Layout Patch's runtime, not the bare one an attention capture installs."""
-    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    return any(isinstance(getattr(fn, "videograin_runtime", None), STLayoutRuntime) for fn in table.values())
+    return isinstance(pack_runtime(model), STLayoutRuntime)
 
 
 def check_latent(trajectories, latent_shape) -> None:

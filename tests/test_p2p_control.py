@@ -3,7 +3,6 @@ process), its outputs and refusals; and through the server, a bad P2P prompt pos
 POST /prompt fails naming the input, before any sampling, and the server keeps serving."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os

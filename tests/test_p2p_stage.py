@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
 
 import pytest
@@ -18,7 +17,7 @@ from videograin_core.attention.batch_layout import PUBLISHED_KEY, BatchLayout
 from videograin_core.attention.runtime import STAGES_KEY, PatchOptions, STLayoutRuntime
 from videograin_core.p2p import stage as stage_mod
 from videograin_core.p2p import tokens as T
-from videograin_core.p2p.control import P2PControl, build_control
+from videograin_core.p2p.control import build_control
 from videograin_core.p2p.stage import P2PCrossStage, schedule_step
 from videograin_core.prompts.layout import Layout
 

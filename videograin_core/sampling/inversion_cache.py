@@ -205,8 +205,9 @@ class InversionCache:
             raise ValueError("cache keys are sha256 hex digests")
         return os.path.join(self.folder, f"{key}.safetensors")
 
-    def load(self, key: str) -> tuple[Inversion | None, str]:
-        """(inversion, "hit") or (None, "miss") or (None, "damaged: why") after deleting it."""
+    def _read(self, key: str, parse):
+        """(parse(metadata, file), "hit") or (None, "miss") or (None, "damaged: why") after
+        deleting the entry; `parse` raises on anything that is not a whole, valid entry."""
         from safetensors import safe_open
         path = self.path(key)
         if not os.path.exists(path):
@@ -214,19 +215,9 @@ class InversionCache:
         try:
             with safe_open(path, "pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                names = list(_TENSORS) + [n for n in f.keys() if n.startswith(_PNP)]
-                tensors = {name: f.get_tensor(name) for name in names}
-            if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
-                raise ValueError("written by another version or for another key")
-            if meta.get("checksum") != _checksum(tensors, meta.get("pnp")):
-                raise ValueError("checksum mismatch")
-            features = None
-            if "pnp" in meta:
-                features = FeatureBank.from_saved(meta["pnp"], tensors["sigmas"],
-                                                  {n[len(_PNP):]: t for n, t in tensors.items() if n.startswith(_PNP)})
-            inv = Inversion(latent=tensors["latent"], trajectory=tensors["trajectory"], sigmas=tensors["sigmas"],
-                            steps=int(meta["steps"]), source=tensors["source"], scheme=meta["scheme"],
-                            features=features)
+                if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+                    raise ValueError("written by another version or for another key")
+                value = parse(meta, f)
         except FileNotFoundError:
             return None, "miss"  # pruned meanwhile by another server sharing the folder
         except Exception as e:  # truncated or garbled files raise all sorts of errors
@@ -239,23 +230,15 @@ class InversionCache:
             os.utime(path)  # recently used: the last to be pruned
         except OSError:
             pass
-        return inv, "hit"
+        return value, "hit"
 
-    def save(self, key: str, inv: Inversion) -> str:
+    def _write(self, key: str, tensors: dict, meta: dict) -> str:
         from safetensors.torch import save_file
         path = self.path(key)
         os.makedirs(self.folder, exist_ok=True)
-        tensors = {name: getattr(inv, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
-        if inv.features is not None:  # stored as recorded (half precision)
-            tensors.update({_PNP + n: t.contiguous() for n, t in inv.features.records.items()})
-        pnp_meta = None if inv.features is None else inv.features.to_json()
-        meta = {"version": CACHE_VERSION, "key": key, "steps": str(inv.steps), "scheme": inv.scheme,
-                "checksum": _checksum(tensors, pnp_meta)}
-        if pnp_meta is not None:
-            meta["pnp"] = pnp_meta
         tmp = os.path.join(self.folder, f".{key}.{uuid.uuid4().hex}.partial")
         try:
-            save_file(tensors, tmp, metadata=meta)
+            save_file(tensors, tmp, metadata={"version": CACHE_VERSION, "key": key, **meta})
             os.replace(tmp, path)  # atomic: readers see the old state or the whole entry
         finally:
             if os.path.exists(tmp):
@@ -263,52 +246,49 @@ class InversionCache:
         self.prune(keep=path)
         return path
 
+    def load(self, key: str) -> tuple[Inversion | None, str]:
+        """(inversion, "hit") or (None, "miss") or (None, "damaged: why") after deleting it."""
+        def parse(meta, f):
+            names = list(_TENSORS) + [n for n in f.keys() if n.startswith(_PNP)]
+            tensors = {name: f.get_tensor(name) for name in names}
+            if meta.get("checksum") != _checksum(tensors, meta.get("pnp")):
+                raise ValueError("checksum mismatch")
+            features = None
+            if "pnp" in meta:
+                features = FeatureBank.from_saved(meta["pnp"], tensors["sigmas"],
+                                                  {n[len(_PNP):]: t for n, t in tensors.items() if n.startswith(_PNP)})
+            return Inversion(latent=tensors["latent"], trajectory=tensors["trajectory"], sigmas=tensors["sigmas"],
+                             steps=int(meta["steps"]), source=tensors["source"], scheme=meta["scheme"],
+                             features=features)
+        return self._read(key, parse)
+
+    def save(self, key: str, inv: Inversion) -> str:
+        tensors = {name: getattr(inv, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
+        if inv.features is not None:  # stored as recorded (half precision)
+            tensors.update({_PNP + n: t.contiguous() for n, t in inv.features.records.items()})
+        pnp_meta = None if inv.features is None else inv.features.to_json()
+        meta = {"steps": str(inv.steps), "scheme": inv.scheme, "checksum": _checksum(tensors, pnp_meta)}
+        if pnp_meta is not None:
+            meta["pnp"] = pnp_meta
+        return self._write(key, tensors, meta)
+
     def save_tensors(self, key: str, kind: str, tensors: dict) -> str:
         """Another kind of entry in the same folder (same atomic write, checksum and bound):
         named float32 tensors, e.g. P2P Sample's null-text embeddings. `kind` is stored and
         checked on load."""
-        from safetensors.torch import save_file
-        path = self.path(key)
-        os.makedirs(self.folder, exist_ok=True)
         tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
-        meta = {"version": CACHE_VERSION, "key": key, "kind": kind, "checksum": _tensors_checksum(tensors)}
-        tmp = os.path.join(self.folder, f".{key}.{uuid.uuid4().hex}.partial")
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        self.prune(keep=path)
-        return path
+        return self._write(key, tensors, {"kind": kind, "checksum": _tensors_checksum(tensors)})
 
     def load_tensors(self, key: str, kind: str) -> tuple[dict | None, str]:
         """(tensors, "hit") or (None, "miss") or (None, "damaged: why") after deleting it."""
-        from safetensors import safe_open
-        path = self.path(key)
-        if not os.path.exists(path):
-            return None, "miss"
-        try:
-            with safe_open(path, "pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-            if meta.get("version") != CACHE_VERSION or meta.get("key") != key or meta.get("kind") != kind:
-                raise ValueError("written by another version, for another key or of another kind")
+        def parse(meta, f):
+            if meta.get("kind") != kind:
+                raise ValueError(f"an entry of another kind ({meta.get('kind')!r}, not {kind!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
             if meta.get("checksum") != _tensors_checksum(tensors):
                 raise ValueError("checksum mismatch")
-        except FileNotFoundError:
-            return None, "miss"
-        except Exception as e:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-            return None, f"damaged: {e.__class__.__name__}: {e}"
-        try:
-            os.utime(path)
-        except OSError:
-            pass
-        return tensors, "hit"
+            return tensors
+        return self._read(key, parse)
 
     def prune(self, keep: str | None = None) -> list[str]:
         """Delete the least recently used entries until the folder holds at most max_bytes
