@@ -364,11 +364,13 @@ def test_null_text_optimisation_matches_a_plain_reference(env):
 NT_LATENT = 8
 
 
-@pytest.fixture(scope="module")
-def nt_env(env):
-    """The null-text runs (they backpropagate through the UNet): the small_smooth test model
-    (smooth eps, made for reconstruction checks) loaded under torch.inference_mode() as the
-    host's loader node loads it, so its weights are inference tensors; a smaller inversion."""
+NT_STEPS = 25  # the reconstruction check: 3 steps are too coarse for 10 inner steps to fix (ratio ~0.48)
+
+
+def _nt_inversion(env, steps):
+    """The small_smooth test model (smooth eps, made for reconstruction checks) loaded under
+    torch.inference_mode() as the host's loader node loads it, so its weights are inference
+    tensors, and an inversion of a smaller latent with `steps` steps."""
     import comfy.sd
     from vg_testlib import load_script
     import os
@@ -381,10 +383,16 @@ def nt_env(env):
         source_cond = env["host"].nodes.CLIPTextEncode().encode(clip, PEOPLE)[0]
         negative = env["host"].nodes.CLIPTextEncode().encode(clip, "")[0]
         _, inv = _args(env["cls"]["VideoGrainDDIMInvert"].execute(model=model, conditioning=source_cond,
-                                                                  steps=STEPS, cfg=1.0, use_cache=False,
+                                                                  steps=steps, cfg=1.0, use_cache=False,
                                                                   latent={"samples": lat}, scheme="next-step"))
     assert next(model.model.diffusion_model.parameters()).is_inference()
     return dict(env, model=model, clip=clip, negative=negative, inv=inv)
+
+
+@pytest.fixture(scope="module")
+def nt_env(env):
+    """The null-text runs (they backpropagate through the UNet), at the suite's 3 steps."""
+    return _nt_inversion(env, STEPS)
 
 
 def _glue(env, name):
@@ -399,29 +407,42 @@ def _plain_embeddings(env, monkeypatch):
                         lambda model, source, negative, inv, *a, **k: neg[None].repeat(inv.steps, 1, 1, 1))
 
 
-def test_null_text_reconstructs_and_leaves_the_target_alone(nt_env, monkeypatch, capsys):
-    env, inv = nt_env, nt_env["inv"]
+def _source_errors(env, monkeypatch, capsys):
+    """(RMS error of the null-text source, of the plain run's source, targets and sources) with
+    equal prompts; the plain run is null-text mode with every step's embedding the "" one."""
+    inv = env["inv"]
     ctl = control(env, target=PEOPLE)
     with torch.inference_mode():
-        nt_target, nt_source = sample(env, ctl, source_mode="null-text", use_cache=False)
+        nt_target, nt_source = sample(env, ctl, source_mode="null-text", use_cache=False, inv=inv)
     err_nt = (nt_source - inv.source).pow(2).mean().sqrt().item()
-    _plain_embeddings(env, monkeypatch)
-    with torch.inference_mode():
-        pl_target, pl_source = sample(env, ctl, source_mode="null-text", use_cache=False)
+    with monkeypatch.context() as m:
+        _plain_embeddings(env, m)
+        with torch.inference_mode():
+            pl_target, pl_source = sample(env, ctl, source_mode="null-text", use_cache=False, inv=inv)
     err_plain = (pl_source - inv.source).pow(2).mean().sqrt().item()
     with capsys.disabled():
-        print(f"\nnull-text latent RMS error {err_nt:.4g}, plain DDIM at 7.5 {err_plain:.4g}, "
+        print(f"\nnull-text at {inv.steps} steps: latent RMS error {err_nt:.4g}, plain DDIM at 7.5 {err_plain:.4g}, "
               f"ratio {err_nt / err_plain:.4g}")
-    # the plain run: with equal prompts both branches are the same DDIM run
+    return err_nt, err_plain, (nt_target, nt_source, pl_target, pl_source)
+
+
+def test_null_text_leaves_the_target_alone(nt_env, monkeypatch, capsys):
+    err_nt, err_plain, (nt_target, _, pl_target, pl_source) = _source_errors(nt_env, monkeypatch, capsys)
+    # the plain run: with equal prompts both branches are the same DDIM run (3 steps: over many
+    # steps the random model at guidance 7.5 amplifies the float noise between the batch rows)
     assert torch.allclose(pl_target, pl_source, atol=1e-4, rtol=0), (pl_target - pl_source).abs().max()
     # decoupled guidance (section 5): the target keeps the "" uncond, so with equal prompts it is
     # the plain run's, whatever the source's embeddings are (not the source: see the README)
     assert torch.allclose(nt_target, pl_target, atol=1e-4, rtol=0), (nt_target - pl_target).abs().max()
-    assert err_nt < 0.7 * err_plain, (err_nt, err_plain)
-    if err_nt > 0.1 * err_plain:
-        # measured with the random test model, 3 steps, 10 inner steps: ratio about 0.47-0.49
-        pytest.xfail(f"null-text error {err_nt:.4g} is {err_nt / err_plain:.3g} of plain DDIM's {err_plain:.4g}, "
-                     f"not below 1/10, with the random test model")
+    assert err_nt < 0.7 * err_plain, (err_nt, err_plain)  # 3 steps: ~0.48
+
+
+def test_null_text_reconstructs_with_a_tenth_of_plain_ddims_error(env, monkeypatch, capsys):
+    """At guidance 7.5 the optimised null embeddings bring the source back with at most a
+    tenth of the latent error plain DDIM sampling has (measured: 0.074 at 25 steps with the
+    random small_smooth model; 0.31 at 10 steps, 0.48 at 3)."""
+    err_nt, err_plain, _ = _source_errors(_nt_inversion(env, NT_STEPS), monkeypatch, capsys)
+    assert err_nt <= 0.1 * err_plain, (err_nt, err_plain)
 
 
 def test_null_text_refusals_before_sampling(env, monkeypatch):
