@@ -27,7 +27,8 @@ from ..videograin_core.p2p.blend import BlendStore
 from ..videograin_core.p2p.control import P2PControl, conditioning_digest
 from ..videograin_core.p2p.null_text import INNER_STEPS
 from ..videograin_core.p2p.sampler import sample_p2p
-from ..videograin_core.p2p.stage import P2PCrossStage, P2PSelfStage
+from ..videograin_core.p2p.stage import P2PCrossStage, P2PSelfStage, P2PTemporalReplace
+from ..videograin_core.tuning.temporal import TEMPORAL_REPLACE_KEY, TemporalBlockPatch
 from ..videograin_core.sampling import ddim
 from . import p2p_null_text
 from .host_glue import check_control_hints, run_guider
@@ -36,6 +37,7 @@ from .st_layout_patch import (_check_sd15, _frames_attention, _host_attention, a
                               install_runtime, pack_runtime)
 from .wire_types import INVERSION, P2P
 
+SELF_REPLACE_MAPS = ("spatial", "temporal", "spatial + temporal")
 SOURCE_MODES = ("direct", "fast", "null-text")
 
 
@@ -166,6 +168,11 @@ class VideoGrainP2PSample(io.ComfyNode):
                                tooltip="self-attention keys of each frame: all frames of its branch (full-frame "
                                        "attention), frame 0 (Video-P2P), or frame 0 and the previous frame "
                                        "(Tune-A-Video)"),
+                io.Combo.Input("self_replace_maps", options=list(SELF_REPLACE_MAPS), default="spatial", optional=True,
+                               tooltip="which maps the self replacement (P2P Control's self_replace window) sets to "
+                                       "the source's: spatial self-attention at grids up to 32x32 (image "
+                                       "prompt-to-prompt; works on any model), the T2S temporal attention (the "
+                                       "Video-P2P reference's; needs a model from T2S Tune / T2S Load), or both"),
                 io.Int.Input("inner_steps", default=INNER_STEPS, min=1, max=1000, optional=True,
                              tooltip="null-text mode: at most this many Adam steps per denoising step (the "
                                      "reference: 10; it stops early once the step's loss is small)"),
@@ -178,7 +185,8 @@ class VideoGrainP2PSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, source, target, p2p, negative, inversion, cfg=7.5, source_mode="direct",
-                frame_attention="all frames", inner_steps=INNER_STEPS, use_cache=True) -> io.NodeOutput:
+                frame_attention="all frames", inner_steps=INNER_STEPS, use_cache=True,
+                self_replace_maps="spatial") -> io.NodeOutput:
         if source_mode not in SOURCE_MODES:
             raise ValueError(f"source_mode must be one of {', '.join(SOURCE_MODES)}, got {source_mode!r}")
         null_mode = source_mode == "null-text"
@@ -191,6 +199,9 @@ class VideoGrainP2PSample(io.ComfyNode):
                                  "1 ignores: use cfg 7.5 (the reference), or source_mode fast / direct")
         if frame_attention not in FRAME_MODES:
             raise ValueError(f"frame_attention must be one of {', '.join(FRAME_MODES)}, got {frame_attention!r}")
+        if self_replace_maps not in SELF_REPLACE_MAPS:
+            raise ValueError(f"self_replace_maps must be one of {', '.join(SELF_REPLACE_MAPS)}, got "
+                             f"{self_replace_maps!r}")
         control, inv = p2p, inversion
         frames = check_inputs(model, source, target, control, negative, inversion)
         if inv.scheme != "next-step":
@@ -220,7 +231,13 @@ class VideoGrainP2PSample(io.ComfyNode):
         to = m.model_options.setdefault("transformer_options", {})
         to[GROUPS_KEY] = 2
         # outermost first: self replacement hands the source's q/k to the frame attention
-        with_stage(to, P2PSelfStage(control))
+        if "spatial" in self_replace_maps:
+            with_stage(to, P2PSelfStage(control))
+        if "temporal" in self_replace_maps:
+            if not any(isinstance(p, TemporalBlockPatch) for p in m.object_patches.values()):
+                logging.warning("VideoGrain P2P: self_replace_maps includes temporal but the model has no T2S "
+                                "temporal attention (T2S Tune / T2S Load): only spatial maps can be replaced")
+            to[TEMPORAL_REPLACE_KEY] = P2PTemporalReplace(control)
         if frame_attention != "all frames":
             with_stage(to, FrameAttentionStage(frame_attention, _host_attention))
         with_stage(to, P2PCrossStage(control))

@@ -324,3 +324,85 @@ def test_a_failure_while_setting_up_restores_the_model(env, monkeypatch):
     dm = env["model"].model.diffusion_model
     assert all(p.is_inference() for p in dm.parameters())
     assert not any(m._forward_hooks for m in dm.modules())
+
+
+# ---------------------------------------------------------------- temporal map replacement
+def test_temporal_replacement_gives_the_target_the_sources_maps(env):
+    """With pairs (source, target), the target's temporal attention is softmax(q_s k_s^T) v_t:
+    the reference written here builds the maps from the source's frames and applies them to
+    the target's values; the source and any sequence not named stay as without replacement."""
+    T = env["pack"].temporal
+    m = T.TemporalAttention(32, 4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)) * 0.3)
+    seqs, tokens = 4, 5
+    x = torch.randn(seqs * FRAMES, tokens, 32, generator=torch.Generator().manual_seed(6))
+    got = m(x, seqs, FRAMES, replace=[(0, 1), (2, 3)]).double()
+    plain = m(x, seqs, FRAMES).double()
+    p = {k: v.double() for k, v in m.state_dict().items()}
+    heads, d = m.heads, m.dim_head
+
+    def norm(h):
+        mu = h.mean(-1, keepdim=True)
+        return (h - mu) / torch.sqrt(((h - mu) ** 2).mean(-1, keepdim=True) + m.norm.eps) * p["norm.weight"] + p["norm.bias"]
+
+    xd = x.double()
+    for src, tgt in ((0, 1), (2, 3)):
+        for t in range(tokens):
+            hs, ht = norm(xd[src * FRAMES:(src + 1) * FRAMES, t]), norm(xd[tgt * FRAMES:(tgt + 1) * FRAMES, t])
+            q, k, v = hs @ p["to_q.weight"].T, hs @ p["to_k.weight"].T, ht @ p["to_v.weight"].T
+            o = torch.zeros(FRAMES, heads * d, dtype=torch.float64)
+            for j in range(heads):
+                sl = slice(j * d, (j + 1) * d)
+                o[:, sl] = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(d), dim=-1) @ v[:, sl]
+            want = xd[tgt * FRAMES:(tgt + 1) * FRAMES, t] + o @ p["to_out.weight"].T + p["to_out.bias"]
+            assert torch.allclose(got[tgt * FRAMES:(tgt + 1) * FRAMES, t], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[src * FRAMES:(src + 1) * FRAMES], plain[src * FRAMES:(src + 1) * FRAMES])
+    assert not torch.allclose(got[FRAMES:2 * FRAMES], plain[FRAMES:2 * FRAMES], atol=1e-3)  # it did act
+
+
+def test_p2p_sample_replaces_temporal_maps_of_the_target_only(env, test_models, monkeypatch):
+    """self_replace_maps "spatial + temporal" vs "spatial" on a model whose temporal modules
+    act (random output projections): the source latent is the same bit for bit, the target
+    changes; the pairs handed to the temporal modules are (source, target) of the cond chunks,
+    inside the self window only."""
+    import comfy.sd
+    cls, T = env["cls"], env["pack"].temporal
+    tuned = tune(env, steps=0)
+    for patch in tuned.object_patches.values():  # make every temporal module act
+        if isinstance(patch, T.TemporalBlockPatch):
+            with torch.no_grad():
+                out = patch.module.to_out
+                out.weight.copy_(torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    with torch.inference_mode():
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_vae=False,
+                                                              output_clipvision=False)
+        src, tgt, p2p = _args(cls["VideoGrainP2PControl"].execute(
+            clip=clip, source_prompt=PROMPT, target_prompt=PROMPT.replace("rabbit", "tiger"), mode="word swap",
+            cross_replace=0.2, self_replace=0.5, reweight="", blend_source_word="", blend_target_word="",
+            blend_threshold=0.3, parity_bug=False))
+        _, inv = _args(cls["VideoGrainDDIMInvert"].execute(model=tuned, conditioning=src, steps=4, cfg=1.0,
+                                                           use_cache=False, latent=env["latent"], scheme="next-step"))
+    pairs_seen = []
+    real = T.TemporalAttention.residual
+
+    def spy(self, x, sequences, frames, replace=()):
+        pairs_seen.append(list(replace))
+        return real(self, x, sequences, frames, replace)
+
+    def run(maps):
+        with torch.inference_mode():
+            return [o["samples"].clone() for o in _args(cls["VideoGrainP2PSample"].execute(
+                model=tuned, source=src, target=tgt, p2p=p2p, negative=env["negative"], inversion=inv, cfg=7.5,
+                source_mode="fast", frame_attention="first frame", self_replace_maps=maps))]
+    target_s, source_s = run("spatial")
+    monkeypatch.setattr(T.TemporalAttention, "residual", spy)
+    target_t, source_t = run("spatial + temporal")
+    assert torch.equal(source_s, source_t)
+    assert not torch.allclose(target_s, target_t, atol=1e-4)
+    # 4 steps, self window 0.5: the first 2 steps replace; batched cond + uncond chunks: the
+    # cond chunk's (source, target) pair only
+    replaced = [p for p in pairs_seen if p]
+    assert replaced and len(replaced) < len(pairs_seen)
+    assert all(len(p) == 1 and p[0][1] == p[0][0] + 1 and p[0][0] % 2 == 0 for p in replaced), replaced[:3]

@@ -180,5 +180,33 @@ class P2PSelfStage(Stage):
         return next(dataclasses.replace(call, q=q, k=k))
 
 
-__all__ = ["P2PCrossStage", "P2PSelfStage", "schedule_step", "attention_probs", "apply_probs", "GROUPS",
+class P2PTemporalReplace:
+    """Video-P2P's self replacement on the T2S model's TEMPORAL attention (the reference's:
+    its controller patches the temporal modules, never the spatial self-attention): inside
+    the control's self window, each conditional chunk's target sequence takes its source
+    sequence's temporal maps (videograin_core.tuning.temporal reads `pairs`). Lives in the
+    transformer_options under tuning.temporal.TEMPORAL_REPLACE_KEY."""
+
+    def __init__(self, control: P2PControl):
+        if not isinstance(control, P2PControl):
+            raise ValueError("p2p: expected a VIDEOGRAIN_P2P control from VideoGrain P2P Control")
+        self.control = control
+
+    def pairs(self, batch, transformer_options) -> list[tuple[int, int]]:
+        if batch is None or batch.groups != GROUPS:
+            return []
+        when = schedule_step(transformer_options)
+        if when is None or not self.control.self_active(*when):
+            return []
+        # chunk c holds sequences 2c (source) and 2c + 1 (target); only the cond chunks
+        return [(GROUPS * c, GROUPS * c + 1) for c, b in enumerate(batch.branches) if b == 0]
+
+    def __deepcopy__(self, memo):  # model options are deep-copied by clone(): share, never copy
+        return self
+
+    def videograin_fingerprint(self) -> dict:
+        return {"p2p_temporal_replace": 1, "self_window": list(self.control.self_window)}
+
+
+__all__ = ["P2PCrossStage", "P2PSelfStage", "P2PTemporalReplace", "schedule_step", "attention_probs", "apply_probs", "GROUPS",
            "PROBS_BUDGET"]

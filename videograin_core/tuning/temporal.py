@@ -6,6 +6,12 @@ attention, no positional encoding). The batch is [sequences * F, tokens, C] (fra
 sequence consecutive, as the pack's batch layout describes it); the module regroups it
 to [sequences * tokens, F, C]. The output projection's weight AND bias start at zero
 (the reference leaves the bias random), so an untuned module adds exactly zero.
+
+Temporal map replacement (Video-P2P's self replacement, VIDEO_P2P.md section 6): a
+`replace` object in the block call's transformer_options (TEMPORAL_REPLACE_KEY) names,
+per call, pairs (source sequence, target sequence): the target's temporal attention maps
+become the source's, i.e. the target's queries and keys are the source's and its values
+stay its own (softmax(q_s k_s^T) v_t).
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import torch.nn.functional as F
 from ..attention.batch_layout import BatchLayout, published
 
 log = logging.getLogger(__name__)
+
+TEMPORAL_REPLACE_KEY = "videograin_temporal_replace"
 
 
 class TemporalAttention(torch.nn.Module):
@@ -38,21 +46,29 @@ class TemporalAttention(torch.nn.Module):
             self.to_out.weight.zero_()
             self.to_out.bias.zero_()
 
-    def residual(self, x: torch.Tensor, sequences: int, frames: int) -> torch.Tensor:
-        """TemporalAttn(LayerNorm(x)) for x [sequences * frames, tokens, C], in x's dtype."""
+    def residual(self, x: torch.Tensor, sequences: int, frames: int, replace=()) -> torch.Tensor:
+        """TemporalAttn(LayerNorm(x)) for x [sequences * frames, tokens, C], in x's dtype;
+        `replace`: pairs (source sequence, target sequence) whose maps the target takes."""
         rows, tokens, c = x.shape
         if rows != sequences * frames:
             raise ValueError(f"temporal attention: {rows} rows are not {sequences} sequences of {frames} frames")
         p = self._params_on(x.device)
         h = F.layer_norm(x.float(), (c,), p["norm.weight"], p["norm.bias"], self.norm.eps)
         # [S, F, L, C] -> [S * L, F, C]: each token of each sequence over its frames
-        h = h.reshape(sequences, frames, tokens, c).transpose(1, 2).reshape(sequences * tokens, frames, c)
+        h = h.reshape(sequences, frames, tokens, c).transpose(1, 2)            # [S, L, F, C]
+        h_qk = h
+        if replace:
+            h_qk = h.clone()
+            for src, tgt in replace:
+                h_qk[tgt] = h[src]
+        h = h.reshape(sequences * tokens, frames, c)
+        h_qk = h_qk.reshape(sequences * tokens, frames, c)
 
         def heads(t):
             return t.reshape(t.shape[0], frames, self.heads, self.dim_head).transpose(1, 2)
 
-        q = heads(F.linear(h, p["to_q.weight"]))
-        k = heads(F.linear(h, p["to_k.weight"]))
+        q = heads(F.linear(h_qk, p["to_q.weight"]))
+        k = heads(F.linear(h_qk, p["to_k.weight"]))
         v = heads(F.linear(h, p["to_v.weight"]))
         a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         a = a.transpose(1, 2).reshape(sequences * tokens, frames, self.heads * self.dim_head)
@@ -75,8 +91,8 @@ class TemporalAttention(torch.nn.Module):
             self.__dict__["_device_copy"] = cache = (key, copy)
         return cache[1]
 
-    def forward(self, x: torch.Tensor, sequences: int, frames: int) -> torch.Tensor:
-        return x + self.residual(x, sequences, frames)
+    def forward(self, x: torch.Tensor, sequences: int, frames: int, replace=()) -> torch.Tensor:
+        return x + self.residual(x, sequences, frames, replace)
 
 
 def call_layout(rows: int, transformer_options) -> BatchLayout | None:
@@ -117,7 +133,9 @@ class TemporalBlockPatch:
                 log.warning("VideoGrain T2S: a call of %s had a batch of %d rows the pack cannot split into frame "
                             "sequences; it ran without temporal attention", self.name, out.shape[0])
             return out
-        return self.module(out, layout.sequences, layout.frames)
+        replace = options.get(TEMPORAL_REPLACE_KEY) if isinstance(options, dict) else None
+        pairs = replace.pairs(layout, options) if replace is not None else ()
+        return self.module(out, layout.sequences, layout.frames, pairs)
 
     def __deepcopy__(self, memo):  # model options are deep-copied by clone(): share, never copy
         return self
@@ -126,4 +144,4 @@ class TemporalBlockPatch:
         return {"t2s_temporal": self.name, "module": self.module}
 
 
-__all__ = ["TemporalAttention", "TemporalBlockPatch", "call_layout"]
+__all__ = ["TemporalAttention", "TemporalBlockPatch", "call_layout", "TEMPORAL_REPLACE_KEY"]
