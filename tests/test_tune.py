@@ -46,6 +46,23 @@ def tune(env, model=None, **kw):
         return _args(env["cls"]["VideoGrainT2STune"].execute(**args))[0]
 
 
+def p2p_inputs(env, test_models, model, steps):
+    """P2P Control's outputs for PROMPT -> a word swap (rabbit -> tiger), and DDIM Invert of
+    the clip with `model` (next-step scheme, `steps` steps): (source, target, p2p, inversion)."""
+    import comfy.sd
+    cls = env["cls"]
+    with torch.inference_mode():
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_vae=False,
+                                                              output_clipvision=False)
+        src, tgt, p2p = _args(cls["VideoGrainP2PControl"].execute(
+            clip=clip, source_prompt=PROMPT, target_prompt=PROMPT.replace("rabbit", "tiger"), mode="word swap",
+            cross_replace=0.2, self_replace=0.5, reweight="", blend_source_word="", blend_target_word="",
+            blend_threshold=0.3, parity_bug=False))
+        _, inv = _args(cls["VideoGrainDDIMInvert"].execute(model=model, conditioning=src, steps=steps, cfg=1.0,
+                                                           use_cache=False, latent=env["latent"], scheme="next-step"))
+    return src, tgt, p2p, inv
+
+
 def ksample(env, model, seed=1):
     """Two Euler steps of the host's KSampler at cfg 4 on the clip's latent (partial denoise)."""
     with torch.inference_mode():
@@ -244,18 +261,9 @@ def test_bad_files_are_refused(env):
 def test_p2p_sample_on_the_tuned_model_keeps_the_branches_apart(env, test_models, monkeypatch):
     """Inverted and edited by P2P Sample, the tuned model's temporal attention sees each
     branch (source, target) of each chunk as its own clip."""
-    import comfy.sd
     cls, T = env["cls"], env["pack"].temporal
     tuned = tune(env, steps=1, learning_rate=1e-3)
-    with torch.inference_mode():
-        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_vae=False,
-                                                              output_clipvision=False)
-        src, tgt, p2p = _args(cls["VideoGrainP2PControl"].execute(
-            clip=clip, source_prompt=PROMPT, target_prompt=PROMPT.replace("rabbit", "tiger"), mode="word swap",
-            cross_replace=0.2, self_replace=0.5, reweight="", blend_source_word="", blend_target_word="",
-            blend_threshold=0.3, parity_bug=False))
-        _, inv = _args(cls["VideoGrainDDIMInvert"].execute(model=tuned, conditioning=src, steps=2, cfg=1.0,
-                                                           use_cache=False, latent=env["latent"], scheme="next-step"))
+    src, tgt, p2p, inv = p2p_inputs(env, test_models, tuned, steps=2)
     seen = []
     real = T.call_layout
 
@@ -367,7 +375,6 @@ def test_p2p_sample_replaces_temporal_maps_of_the_target_only(env, test_models, 
     act (random output projections): the source latent is the same bit for bit, the target
     changes; the pairs handed to the temporal modules are (source, target) of the cond chunks,
     inside the self window only."""
-    import comfy.sd
     cls, T = env["cls"], env["pack"].temporal
     tuned = tune(env, steps=0)
     for patch in tuned.object_patches.values():  # make every temporal module act
@@ -375,15 +382,7 @@ def test_p2p_sample_replaces_temporal_maps_of_the_target_only(env, test_models, 
             with torch.no_grad():
                 out = patch.module.to_out
                 out.weight.copy_(torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
-    with torch.inference_mode():
-        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(test_models.small, output_vae=False,
-                                                              output_clipvision=False)
-        src, tgt, p2p = _args(cls["VideoGrainP2PControl"].execute(
-            clip=clip, source_prompt=PROMPT, target_prompt=PROMPT.replace("rabbit", "tiger"), mode="word swap",
-            cross_replace=0.2, self_replace=0.5, reweight="", blend_source_word="", blend_target_word="",
-            blend_threshold=0.3, parity_bug=False))
-        _, inv = _args(cls["VideoGrainDDIMInvert"].execute(model=tuned, conditioning=src, steps=4, cfg=1.0,
-                                                           use_cache=False, latent=env["latent"], scheme="next-step"))
+    src, tgt, p2p, inv = p2p_inputs(env, test_models, tuned, steps=4)
     pairs_seen = []
     real = T.TemporalAttention.residual
 
