@@ -137,6 +137,15 @@ def tensors_in(v):
         yield from tensors_in(v.weights)
 
 
+def has_context_windows(model) -> bool:
+    """Whether the model carries another pack's context windows (core's context handler,
+    AnimateDiff's options), which slice a batch into windows of frames."""
+    opts = model.model_options
+    to = opts.get("transformer_options", {})
+    return (opts.get("context_handler") is not None or to.get("ad_params") is not None
+            or to.get("context_window") is not None)
+
+
 def check_control_hints(frames: int, **conditionings) -> None:
     """Every ControlNet hint on these conditionings has one image per video frame (or a
     single image for all): the host silently repeats or cuts a batch of another length,

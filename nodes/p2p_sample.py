@@ -31,7 +31,7 @@ from ..videograin_core.p2p.stage import P2PCrossStage, P2PSelfStage, P2PTemporal
 from ..videograin_core.tuning.temporal import TEMPORAL_REPLACE_KEY, TemporalBlockPatch
 from ..videograin_core.sampling import ddim
 from . import p2p_null_text
-from .host_glue import check_control_hints, run_guider
+from .host_glue import check_control_hints, has_context_windows, run_guider
 from .sample import _check_schedule
 from .st_layout_patch import (_check_sd15, _frames_attention, _host_attention, add_batch_layout_publisher,
                               install_runtime, pack_runtime)
@@ -103,10 +103,7 @@ def check_inputs(model, source, target, control, negative, inversion) -> int:
     if negative is None:
         raise ValueError("negative: connect a negative conditioning (the empty prompt \"\")")
     _check_sd15(model)
-    opts = model.model_options
-    to = opts.get("transformer_options", {})
-    if opts.get("context_handler") is not None or to.get("ad_params") is not None or \
-            to.get("context_window") is not None:
+    if has_context_windows(model):
         raise ValueError("model: context windows (another pack's context options, e.g. AnimateDiff's or core's "
                          "context windows) cannot be used with P2P Sample: they slice the stacked [source; target] "
                          "batch across both branches. Remove them from the model")

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from ..videograin_core.attention.batch_layout import GROUPS_KEY, BatchLayout, published
+from ..videograin_core.attention import batch_layout
+from ..videograin_core.attention.batch_layout import BatchLayout
 from ..videograin_core.pnp.hooks import CALL_KEY, Attn1Input, PnPCall, PnPRun, ResidualTap
 
 WRAPPER_KEY = "videograin_pnp"
 
 
 def call_layout(rows: int, transformer_options: dict) -> BatchLayout | None:
-    """The UNet call's batch layout: the one the pack published, else one chunk of frames per
-    cond/uncond entry; None for calls sliced by context windows."""
+    """The UNet call's batch layout (batch_layout.call_layout); None for calls sliced by
+    context windows."""
     if transformer_options.get("context_window") is not None or transformer_options.get("ad_params") is not None:
         return None
-    layout = published(transformer_options)
-    if layout is not None and layout.rows == rows:
-        return layout
-    return BatchLayout.from_call(rows, transformer_options.get("cond_or_uncond"),
-                                 int(transformer_options.get(GROUPS_KEY, 1) or 1))
+    return batch_layout.call_layout(rows, transformer_options)
 
 
 def install(patched, run: PnPRun, targets) -> None:

@@ -33,6 +33,7 @@ from ..videograin_core.attention.runtime import STLayoutRuntime, with_stage
 from ..videograin_core.tuning.temporal import TemporalBlockPatch
 from ..videograin_core.tuning.tune import TuneConfig, clip_loss, inference_escape, tune
 from ..videograin_core.tuning.weights import BlockSpec, T2SWeights
+from .host_glue import has_context_windows
 from .st_layout_patch import _check_sd15, _host_attention, install_runtime, pack_runtime
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,7 @@ def check_inputs(model, latent, conditioning, steps, learning_rate) -> tuple[tor
     if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < float("inf")):
         raise ValueError(f"learning_rate: must be a positive number (the reference uses 3e-5), got {learning_rate}")
     _check_sd15(model)
-    opts = model.model_options
-    to = opts.get("transformer_options", {})
-    if opts.get("context_handler") is not None or to.get("ad_params") is not None or \
-            to.get("context_window") is not None:
+    if has_context_windows(model):
         raise ValueError("model: context windows (another pack's context options) cannot be used with T2S Tune: "
                          "the temporal attention needs the whole clip in one batch. Remove them from the model")
     samples = latent.get("samples") if isinstance(latent, dict) else None

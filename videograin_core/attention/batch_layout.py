@@ -76,6 +76,20 @@ class BatchLayoutSlot:
         return {"batch_layout_slot": 1}
 
 
+def call_layout(rows: int, transformer_options) -> BatchLayout | None:
+    """The batch layout of a call inside the UNet (an attention layer, a transformer block):
+    the one the pack published for the UNet call when it fits the call's rows, else one chunk
+    of frames per cond_or_uncond entry (sequences per chunk from GROUPS_KEY); None when the
+    rows do not split (another wrapper reshaped the batch)."""
+    if not isinstance(transformer_options, dict):
+        return None
+    layout = published(transformer_options)
+    if layout is not None and layout.rows == rows:
+        return layout
+    return BatchLayout.from_call(rows, transformer_options.get("cond_or_uncond"),
+                                 int(transformer_options.get(GROUPS_KEY, 1) or 1))
+
+
 def publish_call(slot: BatchLayoutSlot, x_rows: int, transformer_options: dict) -> BatchLayout | None:
     """Describe the call's batch and publish it into its transformer_options and the slot.
     Calls sliced by context windows (other packs) are not described: frames of a window

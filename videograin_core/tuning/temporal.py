@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..attention.batch_layout import BatchLayout, published
+from ..attention.batch_layout import call_layout
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,6 @@ class TemporalAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, sequences: int, frames: int, replace=()) -> torch.Tensor:
         return x + self.residual(x, sequences, frames, replace)
-
-
-def call_layout(rows: int, transformer_options) -> BatchLayout | None:
-    """The batch layout of a transformer block's call: the one the pack published for the
-    UNet call, else one chunk of frames per cond_or_uncond entry; None when the rows do not
-    fit (another wrapper reshaped the batch)."""
-    if not isinstance(transformer_options, dict):
-        return None
-    layout = published(transformer_options)
-    if layout is not None and layout.rows == rows:
-        return layout
-    return BatchLayout.from_call(rows, transformer_options.get("cond_or_uncond"))
 
 
 class TemporalBlockPatch:
