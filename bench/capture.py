@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from host_bench import NullServer, load_host, private_folders, time_executes  # bench/ is sys.path[0]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 HEAVY = ("VideoGrainDDIMInvert", "VideoGrainSample", "VideoGrainDecode")
@@ -70,49 +72,31 @@ def main():
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
     ap.add_argument("--ckpt", default="videograin_test_sd15_full.safetensors")
     a = ap.parse_args()
-    comfy = os.path.abspath(a.comfyui)
-    sys.path.insert(0, comfy)
+    comfy_dir = os.path.abspath(a.comfyui)
     sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = True
     import asyncio
     import gc
     import uuid
 
     import edit  # bench/edit.py (bench/ is sys.path[0])
-    import make_test_models
-    print("writing/reusing the full-size random SD1.5 checkpoint ...", flush=True)
-    make_test_models.write_model(os.path.join(comfy, "models"), "full")
-    import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)
-    import server  # noqa: F401
+    nodes, _ = load_host(comfy_dir)
     import comfy.model_management
     import execution
-    import folder_paths
-    import nodes
+    import make_test_models
+    print("writing/reusing the full-size random SD1.5 checkpoint ...", flush=True)
+    make_test_models.write_model(os.path.join(comfy_dir, "models"), "full")
 
     work = tempfile.mkdtemp(prefix="vg-bench-capture-")
-    for kind, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
-        os.makedirs(os.path.join(work, kind), exist_ok=True)
-        setter(os.path.join(work, kind))
+    private_folders(work)
     edit.looped_sample_clip(os.path.join(work, "input"), a.frames)
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
 
     timings: dict = {}
     ram = {}
-    for name in HEAVY + READERS:
-        cls = nodes.NODE_CLASS_MAPPINGS[name]
-        orig = cls.__dict__["execute"].__func__
 
-        def timed(c, *args, __orig=orig, __name=name, **kw):
-            if kw.get("capture") is not None:
-                ram["recorder_mib"] = kw["capture"].get_ram_usage() / 2**20
-            t0 = time.perf_counter()
-            try:
-                return __orig(c, *args, **kw)
-            finally:
-                timings[__name] = timings.get(__name, 0.0) + time.perf_counter() - t0
-        cls.execute = classmethod(timed)
+    def on_call(name, kw):
+        if kw.get("capture") is not None:
+            ram["recorder_mib"] = kw["capture"].get_ram_usage() / 2**20
+    time_executes(nodes, HEAVY + READERS, timings, on_call)
 
     rec_mod = sys.modules[nodes.NODE_CLASS_MAPPINGS["VideoGrainAttentionCapture"].__module__.rsplit(".nodes.", 1)[0]
                           + ".videograin_core.capture.recorder"]
@@ -128,13 +112,6 @@ def main():
                 inside["s"] += time.perf_counter() - t0
         setattr(rec_mod.AttentionRecorder, meth, timed_m)
 
-    class _Srv:
-        client_id = None
-        last_node_id = None
-
-        def send_sync(self, *x, **k):
-            pass
-
     base = edit.build_prompt("c", a.frames, a.size, a.steps, a.ckpt)
     for node in base.values():
         if node["class_type"] == "VideoGrainDDIMInvert":
@@ -149,7 +126,7 @@ def main():
         for v in (("c", "k") if r % 2 == 0 else ("k", "c")):
             timings.clear()
             inside["s"] = 0.0
-            ex = execution.PromptExecutor(_Srv(), cache_args={"lru": 0, "ram": 0})
+            ex = execution.PromptExecutor(NullServer(), cache_args={"lru": 0, "ram": 0})
             valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompts[v], None))
             if not valid[0]:
                 raise SystemExit(f"invalid prompt ({v}): {valid[1]} {valid[3]}")

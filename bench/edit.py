@@ -42,7 +42,8 @@ import sys
 import tempfile
 import time
 
-from proc_memory import peak_rss_bytes, settle_and_reset_peak, status_kib  # bench/ is sys.path[0]
+from host_bench import NullServer, load_host, private_folders, time_executes  # bench/ is sys.path[0]
+from proc_memory import peak_rss_bytes, settle_and_reset_peak, status_kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -178,42 +179,14 @@ def warp_err_x100(output_dir: str, variant: str) -> float:
 
 def child(a) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
-    sys.path.insert(0, a.comfyui)
-    from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = not a.gpu
     import asyncio
     import uuid
-    import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)
-    import server  # noqa: F401
-    import folder_paths
-    import nodes
+    nodes, _ = load_host(a.comfyui, cpu=not a.gpu)
     import execution
-    for kind, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
-        d = os.path.join(a.workdir, kind)
-        os.makedirs(d, exist_ok=True)
-        setter(d)
+    private_folders(a.workdir)
     looped_sample_clip(os.path.join(a.workdir, "input"), a.frames)
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-
     timings = {}
-    for name in TIMED_NODES:
-        cls = nodes.NODE_CLASS_MAPPINGS[name]
-        orig = cls.__dict__["execute"].__func__
-
-        def timed(c, *args, __orig=orig, __name=name, **kw):
-            t0 = time.perf_counter()
-            try:
-                return __orig(c, *args, **kw)
-            finally:
-                timings[__name] = timings.get(__name, 0.0) + time.perf_counter() - t0
-        cls.execute = classmethod(timed)
-
-    class _Srv:
-        client_id = None
-        last_node_id = None
-        def send_sync(self, *x, **k):
-            pass
+    time_executes(nodes, TIMED_NODES, timings)
     prompt = build_prompt(a.variant, a.frames, a.size, a.steps, a.ckpt)
     # The executor's classic cache keeps node outputs between runs: a first prompt with
     # only the checkpoint loader leaves the models loaded, so the RSS after it is the
@@ -221,7 +194,7 @@ def child(a) -> None:
     # of its own (about 2 GiB above the loaded models for the full-size checkpoint), so
     # the mark is reset to the settled RSS first: the peak read after the edit is the
     # edit's, not the loader's.
-    ex = comfy_runner.in_process_executor(execution, _Srv())
+    ex = comfy_runner.in_process_executor(execution, NullServer())
     warm = {"1": prompt["1"], "w": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}}}
     ex.execute(warm, str(uuid.uuid4()), {}, ["w"])  # not an output node: asked for by id
     import gc

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from host_bench import load_host  # bench/ is sys.path[0]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -47,21 +49,13 @@ def main():
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.join(REPO, ".host", "ComfyUI")))
     a = ap.parse_args()
     comfy = os.path.abspath(a.comfyui)
-    sys.path.insert(0, comfy)
     sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = True
-    import asyncio
-
     import torch
-    import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)
-    import server  # noqa: F401
-    import nodes
+    nodes, _ = load_host(comfy)
 
     import make_test_models
     print("writing/reusing the random CLIP ViT-L/14 ...", flush=True)
     name = make_test_models.write_clip_pair(os.path.join(comfy, "models"))
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     metrics_cls = nodes.NODE_CLASS_MAPPINGS["VideoGrainMetrics"]
     pack = sys.modules[metrics_cls.__module__]
 
